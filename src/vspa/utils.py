@@ -142,3 +142,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- stage entry points
+
+
+def run_stage(fn, *args, **kwargs):
+    """Call a stage's body; a VspaError becomes a one-line message on stderr and exit status 2."""
+    import sys
+
+    try:
+        return fn(*args, **kwargs)
+    except VspaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

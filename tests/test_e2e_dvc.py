@@ -1,0 +1,95 @@
+"""End to end: `dvc repro` of the real dvc.yaml on a tiny config in a temporary git repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Tiny overrides of params.yaml: a few small images and a few iterations per model, enough to run every
+# stage for real in well under two minutes on a 2-core CPU. Values are checked for plausibility, not quality.
+TINY = {
+    "prepare": {"height": 96, "width": 192, "source_train": 8, "source_test": 4, "target_train": 8, "target_test": 4},
+    "model": {"min_size": 96, "max_size": 192},
+    "pretrain": {"iterations": 4, "batch_size": 2, "warmup_iters": 1, "lr_steps": [3], "checkpoint_every": 2},
+    "oracle": {"iterations": 4, "batch_size": 2, "warmup_iters": 1, "lr_steps": [3], "checkpoint_every": 2},
+    "evaluate": {"batch_size": 4},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> tuple[Path, dict]:
+    repo = tmp_path_factory.mktemp("repo")
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    env.pop("CI", None)
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "config", "user.email", "ci@example.com"], repo, env)
+    _run(["git", "config", "user.name", "ci"], repo, env)
+    _run([str(BIN / "dvc"), "init", "-q"], repo, env)
+    _run([str(BIN / "dvc"), "repro"], repo, env)
+    return repo, env
+
+
+@pytest.mark.e2e
+def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
+    repo, _ = tiny_repo
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    stages = set(lock["stages"])
+    assert {"prepare", "pretrain", "oracle"} <= stages
+    for name in ("source_on_source", "source_on_target", "oracle_on_target"):
+        metrics = json.loads((repo / "reports" / "metrics" / f"{name}.json").read_text())
+        assert 0.0 <= metrics["mAP"] <= 100.0
+        assert set(metrics["AP"]) == {"car", "person", "truck"}
+        assert metrics["num_images"] == 4
+    assert (repo / "models" / "source" / "model.pt").stat().st_size > 0
+
+
+@pytest.mark.e2e
+def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_repo):
+    repo, env = tiny_repo
+    status = _run([str(BIN / "dvc"), "status", "--json"], repo, env)
+    assert json.loads(status.stdout or "{}") == {}
+    original = (repo / "params.yaml").read_text()
+
+    def changed_after(section: str, key: str, value) -> set[str]:
+        params = yaml.safe_load(original)
+        params[section][key] = value
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        try:
+            return set(json.loads(_run([str(BIN / "dvc"), "status", "--json"], repo, env).stdout))
+        finally:
+            (repo / "params.yaml").write_text(original)
+
+    assert changed_after("pretrain", "lr", 0.005) == {"pretrain"}
+    assert changed_after("oracle", "lr", 0.005) == {"oracle"}
+    changed = changed_after("evaluate", "iou", 0.6)
+    assert changed and all(name.startswith("evaluate@") for name in changed), changed
