@@ -1,0 +1,114 @@
+"""Run a detector over a dataset split and evaluate it: the library side of ``stages/evaluate.py``."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vspa.evaluation.voc import evaluate_detections
+from vspa.utils import VspaError, atomic_path
+
+
+def _batches(dataset, batch_size: int):
+    for start in range(0, len(dataset), batch_size):
+        yield [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+
+
+def _ground_truth(target: dict) -> dict[str, np.ndarray]:
+    """GT of one image as numpy: ``boxes``, ``labels`` and, when the dataset gives them (crowd regions),
+    ``ignore_boxes`` / ``ignore_labels``."""
+    keys = ("boxes", "labels", "ignore_boxes", "ignore_labels")
+    return {k: target[k].detach().cpu().numpy() for k in keys if k in target}
+
+
+def _detect_split(detector, dataset, device, batch_size: int, progress: bool):
+    """Detections and ground truths of every image of ``dataset``, in dataset order."""
+    if batch_size < 1:
+        raise VspaError(f"params.yaml: evaluate.batch_size must be >= 1, got {batch_size}.")
+    device = torch.device(device)
+    was_training = detector.training
+    detector.to(device).eval()
+    detections, ground_truths = [], []
+    try:
+        with torch.no_grad():
+            batches = _batches(dataset, batch_size)
+            total = -(-len(dataset) // batch_size)
+            for batch in tqdm(batches, total=total, desc="evaluate", unit="batch", disable=None if progress else True):
+                images = [image.to(device) for image, _ in batch]
+                for out in detector.detect(images):
+                    detections.append({k: out[k].detach().cpu().numpy() for k in ("boxes", "labels", "scores")})
+                ground_truths += [_ground_truth(target) for _, target in batch]
+    finally:
+        detector.train(was_training)
+    return detections, ground_truths
+
+
+def run_detector(detector, dataset, device, batch_size: int, progress: bool = True) -> list[dict]:
+    """Detections (numpy ``boxes`` xyxy in original image pixels, ``labels`` 1..C, ``scores``) for every
+    image of ``dataset`` in order, computed in eval mode without gradients; the detector's train/eval mode
+    is restored afterwards."""
+    return _detect_split(detector, dataset, device, batch_size, progress)[0]
+
+
+def _load(checkpoint_path: str | os.PathLike, data_dir: str | os.PathLike, device):
+    """The checkpoint's detector on ``device``, the split's dataset and its class names (checked equal)."""
+    from vspa.data.coco import DetectionDataset
+    from vspa.detection.checkpoint import load
+
+    checkpoint_path, data_dir = Path(checkpoint_path), Path(data_dir)
+    json_path = data_dir / "annotations.json"
+    if not json_path.is_file():
+        raise VspaError(f"{json_path}: annotations not found. Run the prepare stage or fix --data.")
+    detector, meta = load(checkpoint_path, device)
+    dataset = DetectionDataset(json_path)
+    model_classes, data_classes = list(meta["class_names"]), list(dataset.class_names)
+    if model_classes != data_classes:
+        raise VspaError(
+            f"{checkpoint_path} was trained on classes {model_classes} but {json_path} has categories "
+            f"{data_classes}; evaluate on a split with the same categories in the same order."
+        )
+    return detector, dataset, data_classes
+
+
+def evaluate_model(
+    checkpoint_path: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    device,
+    batch_size: int,
+    iou: float = 0.5,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """Evaluate a checkpoint on the split in ``data_dir`` (``annotations.json`` + images).
+
+    Returns the metrics dict (``EvalResult.to_json()`` layout, AP in percent) and the PR curves
+    (``{class: {"recall", "precision", "scores"}}``).
+    """
+    detector, dataset, class_names = _load(checkpoint_path, data_dir, device)
+    detections, ground_truths = _detect_split(detector, dataset, device, batch_size, progress)
+    result = evaluate_detections(detections, ground_truths, class_names, iou_threshold=iou)
+    return result.to_json(), result.pr_curves()
+
+
+def downsample_curve(recall: np.ndarray, precision: np.ndarray, max_points: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` points of a PR curve, evenly spaced along it, first and last kept."""
+    n = len(recall)
+    if n <= max_points:
+        return np.asarray(recall), np.asarray(precision)
+    idx = np.unique(np.round(np.linspace(0, n - 1, max_points)).astype(np.int64))
+    return np.asarray(recall)[idx], np.asarray(precision)[idx]
+
+
+def write_pr_csv(path: str | os.PathLike, curves: dict[str, dict[str, np.ndarray]], max_points: int = 200) -> None:
+    """PR curves as a CSV (``class,recall,precision``; each curve downsampled), written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "recall", "precision"])
+        for name, curve in curves.items():
+            recall, precision = downsample_curve(curve["recall"], curve["precision"], max_points)
+            writer.writerows([name, f"{r:.6g}", f"{p:.6g}"] for r, p in zip(recall, precision))

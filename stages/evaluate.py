@@ -1,0 +1,48 @@
+"""Stage evaluate: VOC AP50 per class and mAP of one checkpoint on one dataset split.
+
+Writes reports/metrics/<name>.json (small, kept in git) and reports/plots/pr/<name>.csv (PR curves,
+class,recall,precision, at most 200 points per class). Reads params: evaluate.device, evaluate.iou,
+evaluate.batch_size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vspa.config import stage_config
+from vspa.evaluation.runner import evaluate_model, write_pr_csv
+from vspa.utils import VspaError, get_device, run_stage, write_json_atomic
+
+PR_MAX_POINTS = 200
+
+
+def main(
+    params: str = typer.Option("params.yaml", help="Params file."),
+    model: Path = typer.Option(Path("models/source/model.pt"), help="Detector checkpoint."),
+    data: Path = typer.Option(Path("data/benchmark/target_test"), help="Split folder with annotations.json."),
+    name: str = typer.Option("source_on_target", help="Output name: reports/metrics/<name>.json."),
+    metrics_dir: Path = typer.Option(Path("reports/metrics"), help="Folder of the metrics JSON."),
+    plots_dir: Path = typer.Option(Path("reports/plots/pr"), help="Folder of the PR-curve CSV."),
+) -> None:
+    def body() -> None:
+        cfg = stage_config(params, "evaluate")["evaluate"]
+        iou, batch_size = float(cfg.get("iou", 0.5)), int(cfg.get("batch_size", 8))
+        if not 0.0 < iou <= 1.0:
+            raise VspaError(f"{params}: evaluate.iou must be in (0, 1], got {iou}.")
+        if not name or "/" in name or name.startswith("."):
+            raise VspaError(f"--name '{name}': use a plain file name such as source_on_target.")
+        metrics, curves = evaluate_model(model, data, get_device(cfg.get("device", "auto")), batch_size, iou)
+        metrics = {**metrics, "name": name, "checkpoint": str(model), "data": str(data)}
+        write_pr_csv(plots_dir / f"{name}.csv", curves, max_points=PR_MAX_POINTS)
+        write_json_atomic(metrics_dir / f"{name}.json", metrics)
+        ap = ", ".join(f"{c} {'-' if v is None else f'{v:.1f}'}" for c, v in metrics["AP"].items())
+        m = metrics["mAP"]
+        typer.echo(f"{name}: mAP@{iou:g} {'-' if m is None else f'{m:.1f}'} ({ap}) on {metrics['num_images']} images")
+
+    run_stage(body)
+
+
+if __name__ == "__main__":
+    typer.run(main)
