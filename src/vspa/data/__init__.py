@@ -1,0 +1,9 @@
+"""Datasets: the embedded synthetic benchmark (``synth``), COCO-style loading, validation and writing
+(``coco``) and the detector's augmentations (``transforms``). See docs/architecture.md for the on-disk format.
+
+The submodules are imported explicitly (``from vspa.data.coco import load_coco``) so that the image
+generator's worker processes never import torch.
+"""
+
+SPLITS = ("source_train", "source_test", "target_train", "target_test")
+"""The four splits of every benchmark, in the order that defines their ``split code`` (0..3)."""

@@ -1,0 +1,21 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_SIZES = {"source_train": 6, "source_test": 4, "target_train": 6, "target_test": 4}
+TINY_HEIGHT, TINY_WIDTH = 96, 192
+
+
+@pytest.fixture(scope="session")
+def tiny_benchmark(tmp_path_factory) -> Path:
+    """A tiny synth_fog benchmark (6/4/6/4 images of 96x192, seed 0): ``<path>/<split>/annotations.json``."""
+    from vspa.data.synth import generate_benchmark
+
+    out = tmp_path_factory.mktemp("tiny_benchmark")
+    generate_benchmark(out, "synth_fog", TINY_SIZES, seed=0, height=TINY_HEIGHT, width=TINY_WIDTH, fog_beta=0.04,
+                       fog_airlight=0.8, workers=1, progress=False)
+    return out
