@@ -1,0 +1,231 @@
+"""The detector: torchvision Faster R-CNN with composable parts for adaptation and memory extraction.
+
+``Detector`` wraps a ``torchvision.models.detection.FasterRCNN`` (``.model``) whose box head is a
+``TwoMLPHead`` with a 1024-d output: the instance embedding. Besides torchvision's ``forward`` it exposes
+the steps of a forward pass (``prepare`` -> ``backbone_features`` -> ``supervised_losses``, ``pool`` ->
+``embed``, ``pool_background``) so the adaptation code can run them one at a time, e.g. to get the
+individual losses on pseudo-labels or the embedding of a given box.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import MultiScaleRoIAlign
+
+from vspa.detection.backbones import BACKBONES, DEFAULT_ANCHOR_SIZES, build_backbone
+from vspa.utils import VspaError
+
+EMBED_DIM = 1024
+LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+
+
+@dataclass
+class DetectorConfig:
+    """Everything that defines the detector's structure (the ``model:`` params section).
+
+    Only ``backbone``, ``pretrained_weights``, ``min_size`` and ``max_size`` are in params.yaml; every
+    other key may be added to the ``model:`` section (or a preset) to override its default.
+    """
+
+    backbone: str = "small"
+    pretrained_weights: str | None = None
+    min_size: int = 160  # resize: shorter side
+    max_size: int = 320  # resize: longer side at most
+    small_width: int = 16  # base width of the 'small' backbone (output channels = 4x)
+    anchor_sizes: list[int] | None = None  # None: the backbone's default (backbones.DEFAULT_ANCHOR_SIZES)
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0])  # height / width
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: int = 1000
+    rpn_pre_nms_top_n_test: int = 2000
+    rpn_post_nms_top_n_test: int = 500
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 128
+    box_detections_per_img: int = 100
+    box_score_thresh: float = 0.0  # keep everything: evaluation wants the full precision/recall curve
+    box_nms_thresh: float = 0.5
+
+    @classmethod
+    def from_params(cls, model: dict, path: str = "params.yaml") -> "DetectorConfig":
+        """Build from the effective ``model`` section; ``null`` means the default, unknown keys are errors."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(model) - names)
+        if unknown:
+            raise VspaError(
+                f"{path}: unknown key(s) in section 'model:': {', '.join(unknown)}. "
+                f"Known keys: {', '.join(sorted(names))}."
+            )
+        cfg = cls(**{k: v for k, v in model.items() if v is not None})
+        cfg.validate(path)
+        return cfg
+
+    def validate(self, path: str = "params.yaml") -> None:
+        if self.backbone not in BACKBONES:
+            raise VspaError(f"{path}: unknown model.backbone '{self.backbone}'. Choose one of: {', '.join(BACKBONES)}.")
+        for key in ("min_size", "max_size", "small_width", "box_batch_size_per_image", "rpn_batch_size_per_image"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise VspaError(f"{path}: model.{key} must be a positive integer, got {value!r}.")
+        if self.min_size > self.max_size:
+            raise VspaError(f"{path}: model.min_size ({self.min_size}) is larger than model.max_size ({self.max_size}).")
+        if self.anchor_sizes is not None and (not self.anchor_sizes or min(self.anchor_sizes) <= 0):
+            raise VspaError(f"{path}: model.anchor_sizes must be a non-empty list of positive sizes in pixels.")
+
+    def effective_anchor_sizes(self) -> tuple[int, ...]:
+        return tuple(self.anchor_sizes or DEFAULT_ANCHOR_SIZES[self.backbone])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Detector(nn.Module):
+    """Faster R-CNN (``self.model``) plus the composable steps listed in docs/architecture.md."""
+
+    def __init__(self, model: FasterRCNN, cfg: DetectorConfig, num_classes: int, stride: int) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.num_classes = num_classes  # without background
+        self.feature_channels = model.backbone.out_channels
+        self.embed_dim = EMBED_DIM
+        self.stride = stride  # of the pooled feature map, in pixels of the resized image
+
+    # ------------------------------------------------------------------ whole model
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        """torchvision semantics: a dict of losses in train mode, a list of detections in eval mode."""
+        return self.model(images, targets)
+
+    @torch.no_grad()
+    def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detections (``boxes`` xyxy in original image pixels, ``labels`` 1..C, ``scores``), in eval mode.
+
+        The module is switched to eval mode for the call and back afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return self.model(images)
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ steps
+
+    def prepare(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        """Normalise and resize (the model's own transform): ``(ImageList, targets in resized coords)``."""
+        return self.model.transform(images, targets)
+
+    def backbone_features(self, image_list: ImageList) -> "OrderedDict[str, torch.Tensor]":
+        features = self.model.backbone(image_list.tensors)
+        if isinstance(features, torch.Tensor):
+            features = {"0": features}
+        return OrderedDict(features)
+
+    def supervised_losses(self, image_list: ImageList, features: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        """RPN and ROI losses for ``targets`` (already in the ``image_list``'s coordinates; train mode only).
+
+        Same numbers as ``forward(images, targets)`` in train mode, given the same random state (the RPN
+        and ROI samplers draw from torch's global generator).
+        """
+        if not self.training:
+            raise RuntimeError("Detector.supervised_losses needs train mode (call detector.train()).")
+        for i, target in enumerate(targets):
+            boxes = target["boxes"]
+            if (boxes[:, 2:] <= boxes[:, :2]).any():
+                raise ValueError(f"target {i} has a box with non-positive width or height: {boxes.tolist()}")
+        proposals, rpn_losses = self.model.rpn(image_list, features, targets)
+        _, roi_losses = self.model.roi_heads(features, proposals, image_list.image_sizes, targets)
+        return {**roi_losses, **rpn_losses}
+
+    @property
+    def _pooler(self) -> MultiScaleRoIAlign:
+        return self.model.roi_heads.box_roi_pool
+
+    def pool(self, features: dict, boxes: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """ROIAlign at ``boxes`` (one xyxy tensor per image, resized-image pixels): ``[K, C, 7, 7]``."""
+        return self._pooler(features, boxes, image_sizes)
+
+    def embed(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The box head (TwoMLPHead): pooled features ``[K, C, 7, 7]`` -> instance embeddings ``[K, 1024]``."""
+        return self.model.roi_heads.box_head(pooled)
+
+    def pool_background(
+        self, features: dict, boxes: list[torch.Tensor], image_sizes: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Background feature of each image: ``[B, C, 7, 7]``.
+
+        For image b, take the part of the feature map that covers the image (cells whose centre lies inside
+        ``image_sizes[b]``, so padding added for batching is ignored), set to 0 every cell whose centre
+        ``((j + 0.5) * stride, (i + 0.5) * stride)`` falls inside one of ``boxes[b]`` (xyxy, resized-image
+        pixels, edges inclusive), and adaptive-average-pool the result to the pooler's output size.
+        """
+        fmap = features[self._pooler.featmap_names[0]]
+        out = []
+        for b, (height, width) in enumerate(image_sizes):
+            rows = min(fmap.shape[-2], max(1, math.ceil(height / self.stride - 0.5)))
+            cols = min(fmap.shape[-1], max(1, math.ceil(width / self.stride - 0.5)))
+            mask = background_mask(boxes[b], rows, cols, self.stride).to(fmap.dtype)
+            out.append(F.adaptive_avg_pool2d(fmap[b, :, :rows, :cols] * mask, self._pooler.output_size))
+        if not out:
+            return fmap.new_zeros((0, fmap.shape[1], *self._pooler.output_size))
+        return torch.stack(out)
+
+
+def background_mask(boxes: torch.Tensor, rows: int, cols: int, stride: float) -> torch.Tensor:
+    """``[rows, cols]`` tensor: 1 where the cell centre is outside every box, 0 inside (edges inclusive)."""
+    device = boxes.device
+    cy = (torch.arange(rows, device=device, dtype=torch.float32) + 0.5) * stride
+    cx = (torch.arange(cols, device=device, dtype=torch.float32) + 0.5) * stride
+    if boxes.numel() == 0:
+        return torch.ones(rows, cols, device=device)
+    b = boxes.to(torch.float32)
+    inside_y = (cy[None, :] >= b[:, 1:2]) & (cy[None, :] <= b[:, 3:4])  # [N, rows]
+    inside_x = (cx[None, :] >= b[:, 0:1]) & (cx[None, :] <= b[:, 2:3])  # [N, cols]
+    inside = (inside_y[:, :, None] & inside_x[:, None, :]).any(dim=0)
+    return (~inside).to(torch.float32)
+
+
+def build_detector(cfg: DetectorConfig, num_classes: int, load_weights: bool = True) -> Detector:
+    """A Faster R-CNN for ``num_classes`` classes (without background) as ``cfg`` describes.
+
+    ``load_weights=False`` skips reading ``cfg.pretrained_weights`` (used when loading a checkpoint).
+    """
+    if num_classes < 1:
+        raise VspaError(f"build_detector: the dataset has {num_classes} classes; it needs at least one category.")
+    cfg.validate()
+    backbone = build_backbone(cfg.backbone, cfg.pretrained_weights, cfg.small_width, load_weights=load_weights)
+    anchors = AnchorGenerator(
+        sizes=(cfg.effective_anchor_sizes(),), aspect_ratios=(tuple(float(a) for a in cfg.aspect_ratios),)
+    )
+    pooler = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
+    box_head = TwoMLPHead(backbone.out_channels * 7 * 7, EMBED_DIM)
+    model = FasterRCNN(
+        backbone,
+        num_classes=num_classes + 1,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=pooler,
+        box_head=box_head,
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_detections_per_img=cfg.box_detections_per_img,
+        box_score_thresh=cfg.box_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh,
+    )
+    return Detector(model, cfg, num_classes, backbone.stride)

@@ -1,0 +1,322 @@
+"""Supervised detector training: SGD by iterations, resumable, deterministic, optionally multi-process.
+
+Every random draw of iteration ``k`` comes from generators seeded with ``(seed, k, ...)``: which images
+form the global batch (a fresh permutation of the dataset each epoch), each image's augmentation (seeded
+by its position in the global batch, so it does not depend on the number of processes) and the RPN / ROI
+samplers (torch's global generator, reseeded every iteration). The random state at a checkpoint is thus a
+function of the iteration, and a run killed and resumed from the checkpoint of iteration ``k`` gives the
+same weights, bit for bit on the CPU, as a run that never stopped.
+
+``work_dir/last.pt`` holds the training state (weights, optimizer, scheduler, iteration, loss rows); it is
+written atomically every ``checkpoint_every`` iterations and at the end, and a new call resumes from it
+when it was made with the same configuration.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from vspa.config import stage_config
+from vspa.data import transforms
+from vspa.data.coco import DetectionDataset, dataset_sha256
+from vspa.detection import checkpoint, distributed
+from vspa.detection.model import LOSS_NAMES, Detector, DetectorConfig, build_detector
+from vspa.utils import VspaError, save_torch_atomic, seed_everything, sha256_json, write_text_atomic
+
+WARMUP_FACTOR = 0.001  # lr multiplier at iteration 0, rising linearly to 1 at warmup_iters
+CSV_COLUMNS = ("iteration", "lr", *LOSS_NAMES, "total")
+STATE_FORMAT = "vspa-train-state/1"
+
+# Streams of random numbers drawn from (seed, iteration, ...): kept apart by a stream id.
+_ORDER, _AUG, _SAMPLER = 0, 1, 2
+
+
+@dataclass
+class TrainConfig:
+    """The ``pretrain`` / ``oracle`` params section."""
+
+    iterations: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+    device: str = "auto"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 0
+    lr_steps: list[int] = field(default_factory=list)  # iterations at which lr is multiplied by 0.1
+    strong_aug: bool = True
+    checkpoint_every: int = 100
+
+    @classmethod
+    def from_params(cls, section: dict, name: str = "pretrain", path: str = "params.yaml") -> "TrainConfig":
+        """Build from an effective params section; ``null`` means the default. Raises VspaError on bad values."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - names)
+        if unknown:
+            raise VspaError(f"{path}: unknown key(s) in section '{name}:': {', '.join(unknown)}. Known: {', '.join(sorted(names))}.")
+        values = {k: v for k, v in section.items() if v is not None}
+        for key in ("iterations", "batch_size", "lr"):
+            if key not in values:
+                raise VspaError(f"{path}: {name}.{key} is not set (null and not in the scenario preset). Give a value.")
+        try:
+            cfg = cls(**values)
+            cfg.iterations, cfg.batch_size, cfg.seed = int(cfg.iterations), int(cfg.batch_size), int(cfg.seed)
+            cfg.warmup_iters, cfg.checkpoint_every = int(cfg.warmup_iters), int(cfg.checkpoint_every)
+            cfg.lr, cfg.momentum, cfg.weight_decay = float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay)
+            cfg.lr_steps = [int(s) for s in (cfg.lr_steps or [])]
+        except (TypeError, ValueError) as exc:
+            raise VspaError(f"{path}: section '{name}:' has a value of the wrong type ({exc}).") from exc
+        checks = [
+            (cfg.iterations >= 1, "iterations must be >= 1"),
+            (cfg.batch_size >= 1, "batch_size must be >= 1"),
+            (cfg.lr > 0 and math.isfinite(cfg.lr), "lr must be a positive number"),
+            (0 <= cfg.momentum < 1, "momentum must be in [0, 1)"),
+            (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
+            (cfg.warmup_iters >= 0, "warmup_iters must be >= 0"),
+            (cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (cfg.lr_steps == sorted(cfg.lr_steps), "lr_steps must be increasing"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VspaError(f"{path}: {name}.{message}.")
+        return cfg
+
+    def lr_factor(self, iteration: int) -> float:
+        """Multiplier of ``lr`` at a 0-based iteration: linear warm-up, then x0.1 at each step passed."""
+        factor = 0.1 ** sum(iteration >= s for s in self.lr_steps)
+        if iteration < self.warmup_iters:
+            alpha = iteration / self.warmup_iters
+            factor *= WARMUP_FACTOR * (1 - alpha) + alpha
+        return factor
+
+
+def derive_seed(*numbers: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of non-negative integers."""
+    high, low = np.random.SeedSequence(list(numbers)).generate_state(2)
+    return (int(high) << 31) ^ int(low)
+
+
+def global_batch(num_items: int, batch_size: int, seed: int, iteration: int) -> list[int]:
+    """Dataset indices of iteration ``iteration``'s global batch.
+
+    Items are taken in the order of a permutation drawn afresh for each epoch (seeded by ``seed`` and the
+    epoch), so every item is used once per epoch; a batch may straddle two epochs.
+    """
+    out = []
+    for position in range(iteration * batch_size, (iteration + 1) * batch_size):
+        epoch, offset = divmod(position, num_items)
+        g = torch.Generator().manual_seed(derive_seed(seed, epoch, _ORDER))
+        out.append(int(torch.randperm(num_items, generator=g)[offset]))
+    return out
+
+
+def _augment(image: torch.Tensor, target: dict, generator: torch.Generator, strong_aug: bool):
+    image, target = transforms.weak(image, target, generator)
+    if strong_aug:
+        image = transforms.strong(image, generator)
+    return image, target
+
+
+def _fingerprint(cfg: TrainConfig, detector: Detector, dataset_id: str) -> str:
+    """What a resumed run must share with the run that wrote the checkpoint."""
+    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "checkpoint_every")}
+    return sha256_json(
+        {"train": train, "model": detector.cfg.to_dict(), "num_classes": detector.num_classes, "data": dataset_id}
+    )
+
+
+def _csv_text(rows: list[dict[str, float]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (int(row[k]) if k == "iteration" else f"{row[k]:.6g}") for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The training state in ``path`` if it belongs to this run, else None (with a message)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable state file only means starting over
+        print(f"[train] {path}: unreadable ({type(exc).__name__}); starting from iteration 0.", file=sys.stderr)
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        print(f"[train] {path}: not a training state; starting from iteration 0.", file=sys.stderr)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        print(
+            f"[train] {path}: written with a different configuration or dataset; starting from iteration 0 "
+            f"(it will be overwritten).",
+            file=sys.stderr,
+        )
+        return None
+    return state
+
+
+def train_detector(
+    dataset,
+    detector: Detector,
+    cfg: TrainConfig,
+    work_dir: str | Path,
+    log_csv: str | Path,
+    progress: bool = True,
+    dataset_id: str | None = None,
+) -> Detector:
+    """Train ``detector`` on ``dataset`` (``ds[i] -> (image, target)``) and return it (in train mode).
+
+    ``dataset_id`` identifies the data for resuming (e.g. the annotation file's hash; default: its size).
+    Under torchrun each process takes a disjoint share of every global batch; gradients are averaged by
+    DistributedDataParallel and only rank 0 writes ``work_dir/last.pt`` and ``log_csv``.
+    """
+    if len(dataset) == 0:
+        raise VspaError("train_detector: the training dataset has no images. Check the split's annotations.json.")
+    world_size = distributed.env_world_size()
+    if cfg.batch_size % world_size:
+        raise VspaError(
+            f"params.yaml: batch_size {cfg.batch_size} is not divisible by the {world_size} processes. "
+            f"Change batch_size or torchrun's --nproc_per_node."
+        )
+    ctx = distributed.setup(cfg.device)
+    work_dir, log_csv = Path(work_dir), Path(log_csv)
+    state_path = work_dir / "last.pt"
+    detector.to(ctx.device).train()
+    params = [p for p in detector.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
+    fingerprint = _fingerprint(cfg, detector, dataset_id or f"{len(dataset)} items")
+
+    start, rows = 0, []
+    state = _load_state(state_path, fingerprint) if state_path.is_file() else None
+    if state is not None:
+        detector.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, rows = int(state["iteration"]), list(state["rows"])
+        if ctx.is_main:
+            print(f"[train] resuming from {state_path} at iteration {start}/{cfg.iterations}", file=sys.stderr)
+
+    model = detector
+    if ctx.enabled:
+        model = DistributedDataParallel(detector, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    def save_state(iteration: int) -> None:
+        if ctx.is_main:
+            save_torch_atomic(
+                {
+                    "format": STATE_FORMAT,
+                    "fingerprint": fingerprint,
+                    "iteration": iteration,
+                    "model": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rows": rows,
+                },
+                state_path,
+            )
+            write_text_atomic(log_csv, _csv_text(rows))
+        distributed.barrier(ctx)
+
+    share = cfg.batch_size // ctx.world_size
+    bar = tqdm(
+        range(start, cfg.iterations),
+        initial=start,
+        total=cfg.iterations,
+        desc="train",
+        unit="it",
+        disable=(None if progress else True) if ctx.is_main else True,
+    )
+    for it in bar:
+        indices = global_batch(len(dataset), cfg.batch_size, cfg.seed, it)
+        images, targets = [], []
+        for position in range(ctx.rank * share, (ctx.rank + 1) * share):
+            image, target = dataset[indices[position]]
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, it, position, _AUG))
+            image, target = _augment(image, target, g, cfg.strong_aug)
+            images.append(image.to(ctx.device))
+            targets.append({"boxes": target["boxes"].to(ctx.device), "labels": target["labels"].to(ctx.device)})
+        torch.manual_seed(derive_seed(cfg.seed, it, ctx.rank, _SAMPLER))
+        lr = optimizer.param_groups[0]["lr"]
+
+        losses = model(images, targets)
+        total = sum(losses[k] for k in LOSS_NAMES)
+        logged = distributed.all_reduce_mean(torch.stack([losses[k] for k in LOSS_NAMES] + [total]), ctx).cpu()
+        if not torch.isfinite(logged).all():
+            raise VspaError(
+                f"training diverged at iteration {it + 1}: non-finite loss "
+                f"({', '.join(f'{k}={v:.4g}' for k, v in zip((*LOSS_NAMES, 'total'), logged.tolist()))}). "
+                f"Lower the learning rate (lr, now {cfg.lr:g}) or lengthen warmup_iters ({cfg.warmup_iters})."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        scheduler.step()
+
+        values = logged.tolist()
+        rows.append({"iteration": it + 1, "lr": lr, **dict(zip(LOSS_NAMES, values[:-1])), "total": values[-1]})
+        bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{lr:.2g}")
+        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+            save_state(it + 1)
+    bar.close()
+    if start >= cfg.iterations and ctx.is_main:
+        write_text_atomic(log_csv, _csv_text(rows))  # the run was complete: make sure the log is there
+    distributed.barrier(ctx)
+    return detector
+
+
+def run_training_stage(
+    params_path: str,
+    section: str,
+    data_dir: Path,
+    out: Path,
+    log_csv: Path,
+    work_dir: Path,
+    what: str,
+) -> None:
+    """Body of the ``pretrain`` / ``oracle`` stages: train a fresh detector on one labelled split.
+
+    Reads ``model`` and ``<section>`` from ``params_path``; writes the checkpoint ``out`` (with the class
+    names and the training config), the loss log ``log_csv`` and the resumable state in ``work_dir``.
+    """
+    params = stage_config(params_path, "model", section)
+    model_cfg = DetectorConfig.from_params(params["model"], path=params_path)
+    train_cfg = TrainConfig.from_params(params[section], name=section, path=params_path)
+    ann = Path(data_dir) / "annotations.json"
+    data_hash = dataset_sha256(ann)
+    dataset = DetectionDataset(ann)
+    ctx = distributed.setup(train_cfg.device)
+    if ctx.is_main:
+        print(
+            f"[{section}] {what}: {model_cfg.backbone} Faster R-CNN, {dataset.num_classes} classes "
+            f"({', '.join(dataset.class_names)}), {len(dataset)} images from {data_dir}; {train_cfg.iterations} "
+            f"iterations of batch {train_cfg.batch_size}, lr {train_cfg.lr:g} on {ctx.device}"
+            + (f" x {ctx.world_size} processes" if ctx.enabled else "")
+            + f" (scenario {params['scenario']}) -> {out}",
+            file=sys.stderr,
+        )
+    seed_everything(train_cfg.seed)  # the detector's initial weights
+    detector = build_detector(model_cfg, dataset.num_classes)
+    train_detector(dataset, detector, train_cfg, work_dir, log_csv, dataset_id=data_hash)
+    if ctx.is_main:
+        extra = {
+            "stage": section,
+            "train": dataclasses.asdict(train_cfg),
+            "data": str(data_dir),
+            "data_sha256": data_hash,
+            "scenario": params["scenario"],
+        }
+        checkpoint.save(out, detector, model_cfg, dataset.class_names, extra=extra)
+        print(f"[{section}] wrote {out} and {log_csv}", file=sys.stderr)
+    distributed.cleanup(ctx)

@@ -1,0 +1,112 @@
+"""Stage adapt: mean-teacher adaptation with memory-based foreground/background alignment (one run).
+
+Reads params: model.*, adapt.* and, when present, the override section ``adapt_<name>`` (its non-null keys
+replace those of ``adapt``), so dvc.yaml can run several variants from this module, e.g.
+``--name at_like`` (section ``adapt_at_like``: fg_mode off, bg_mode off) and ``--name vspa``.
+
+Writes ``<out>/model.pt`` (the final teacher, a detector checkpoint for the evaluate stage; never chosen on
+target test), ``<log-dir>/losses.csv`` (losses per iteration, for ``dvc plots``) and ``<log-dir>/summary.json``
+(timings per iteration, incl. the alignment + retrieval part, and counts). The resumable training state
+and any refreshed memory stay in ``<out>/work/``. Multi-process: torchrun --nproc_per_node=N stages/adapt.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import typer
+
+from vspa.adaptation.trainer import AdaptConfig, AdaptData, adapt, input_fingerprint
+from vspa.config import effective_params
+from vspa.utils import VspaError, load_params, run_stage, seed_everything, write_json_atomic
+
+
+def adapt_section(params: dict, name: str, path: str = "params.yaml") -> dict:
+    """The effective ``adapt`` section with the non-null keys of ``adapt_<name>`` (if any) laid over it."""
+    merged = effective_params(params)
+    if not isinstance(merged.get("adapt"), dict):
+        raise VspaError(f"{path}: missing section 'adapt:'. Add it (see the README's params table).")
+    section = dict(merged["adapt"])
+    override = params.get(f"adapt_{name}")
+    if override is not None:
+        if not isinstance(override, dict):
+            raise VspaError(f"{path}: section 'adapt_{name}:' must be a mapping of adapt keys to values.")
+        section.update({k: v for k, v in override.items() if v is not None})
+    return section
+
+
+def main(
+    params: str = typer.Option("params.yaml", help="Params file."),
+    name: str = typer.Option("vspa", help="Run name: reads the optional override section adapt_<name>."),
+    model: Path = typer.Option(Path("models/source/model.pt"), help="Source detector checkpoint (the student's start)."),
+    source: Path = typer.Option(Path("data/benchmark/source_train"), help="Labelled source split folder."),
+    target: Path = typer.Option(Path("data/benchmark/target_train"), help="Unlabelled target split folder."),
+    memory: Path = typer.Option(Path("models/memory/subsampled.h5"), help="Memory file (read only if used)."),
+    out: Path = typer.Option(None, help="Output folder (default models/adapt/<name>)."),
+    log_dir: Path = typer.Option(None, help="Folder of losses.csv and summary.json (default reports/adapt/<name>)."),
+) -> None:
+    def body() -> None:
+        from vspa.data.coco import DetectionDataset
+        from vspa.detection import checkpoint, distributed
+        from vspa.detection.model import DetectorConfig
+
+        if not name or "/" in name or name.startswith("."):
+            raise VspaError(f"--name '{name}': use a plain name such as vspa or at_like.")
+        raw = load_params(params)
+        cfg = AdaptConfig.from_params(adapt_section(raw, name, params), name=f"adapt (+ adapt_{name})", path=params)
+        out_dir = out or Path("models/adapt") / name
+        logs = log_dir or Path("reports/adapt") / name
+        source_json, target_json = source / "annotations.json", target / "annotations.json"
+        memory_path = memory if cfg.needs_memory else None
+        ctx = distributed.setup(cfg.device)
+        student, meta = checkpoint.load(model, ctx.device)
+        src_ds, tgt_ds = DetectionDataset(source_json), DetectionDataset(target_json)
+        if list(src_ds.class_names) != list(meta["class_names"]):
+            raise VspaError(
+                f"{source_json}: classes {src_ds.class_names} differ from the checkpoint's {meta['class_names']} "
+                f"({model}). Adapt the detector that was trained on this source split."
+            )
+        data = AdaptData(
+            source=src_ds,
+            target=tgt_ds,
+            memory_path=memory_path,
+            fingerprint=input_fingerprint(model, source_json, target_json, memory_path),
+        )
+        if ctx.is_main:
+            print(
+                f"[adapt:{name}] fg {cfg.fg_mode if cfg.use_fg else 'off'}, bg {cfg.bg_mode if cfg.use_bg else 'off'}, "
+                f"img {'on' if cfg.use_img else 'off'}; {cfg.iterations} iterations of {cfg.batch_size}+{cfg.batch_size} "
+                f"images, lr {cfg.lr:g}, tau {cfg.tau:g} on {ctx.device}"
+                + (f" x {ctx.world_size} processes" if ctx.enabled else "")
+                + f"; memory {memory_path or '-'} -> {out_dir}",
+                file=sys.stderr,
+            )
+        seed_everything(cfg.seed)  # the discriminators' initial weights
+        teacher, summary = adapt(student, data, cfg, out_dir / "work", logs / "losses.csv")
+        if ctx.is_main:
+            model_cfg: DetectorConfig = meta["config"]
+            extra = {
+                "stage": "adapt",
+                "name": name,
+                "adapt": dataclasses.asdict(cfg),
+                "source_model": str(model),
+                "memory": str(memory_path) if memory_path else None,
+                "selected": "final teacher",
+            }
+            checkpoint.save(out_dir / "model.pt", teacher, model_cfg, meta["class_names"], extra=extra)
+            write_json_atomic(logs / "summary.json", {"name": name, **summary})
+            print(
+                f"[adapt:{name}] wrote {out_dir / 'model.pt'}; {summary['sec_per_iter']:.3f} s/iteration "
+                f"(alignment + retrieval {summary['align_sec_per_iter']:.3f} s), "
+                f"{summary['pseudo_labels_per_image']:.2f} pseudo-labels per image",
+                file=sys.stderr,
+            )
+        distributed.cleanup(ctx)
+
+    run_stage(body)
+
+
+if __name__ == "__main__":
+    typer.run(main)

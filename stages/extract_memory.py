@@ -1,0 +1,64 @@
+"""Stage extract_memory: the source detector's foreground and background memories, as one HDF5 file.
+
+Writes models/memory/full.h5 (see vspa.memory.store for the layout) and reports/memory/extract.json
+(entry counts, images per second). Reads params: extract_memory.keep (all | correct),
+extract_memory.batch_size, extract_memory.device, extract_memory.chunk_rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vspa.config import stage_config
+from vspa.data.coco import DetectionDataset, dataset_sha256
+from vspa.detection import checkpoint
+from vspa.memory.extract import extract_memory
+from vspa.utils import VspaError, get_device, run_stage, sha256_file, write_json_atomic
+
+
+def main(
+    params: str = typer.Option("params.yaml", help="Params file."),
+    model: Path = typer.Option(Path("models/source/model.pt"), help="Source detector checkpoint."),
+    data: Path = typer.Option(Path("data/benchmark/source_train"), help="Labelled source split (annotations.json)."),
+    out: Path = typer.Option(Path("models/memory/full.h5"), help="Output memory file."),
+    stats: Path = typer.Option(Path("reports/memory/extract.json"), help="Output extraction statistics."),
+) -> None:
+    def body() -> None:
+        cfg = stage_config(params, "extract_memory")["extract_memory"]
+        device = get_device(cfg.get("device") or "auto")
+        detector, meta = checkpoint.load(model, device)
+        json_path = data / "annotations.json"
+        dataset = DetectionDataset(json_path)
+        if list(dataset.class_names) != list(meta["class_names"]):
+            raise VspaError(
+                f"{json_path}: classes {dataset.class_names} differ from the checkpoint's {meta['class_names']} "
+                f"({model}). Extract from the split the detector was trained on."
+            )
+        result = extract_memory(
+            detector,
+            dataset,
+            out,
+            device=device,
+            keep=str(cfg.get("keep", "all")),
+            batch_size=int(cfg.get("batch_size", 8)),
+            chunk_rows=int(cfg.get("chunk_rows", 4096)),
+            attrs={
+                "checkpoint_sha256": sha256_file(model),
+                "dataset_sha256": dataset_sha256(json_path),
+                "checkpoint": str(model),
+                "dataset": str(data),
+            },
+        )
+        write_json_atomic(stats, {**result.to_dict(), "device": str(device), "memory": str(out)})
+        typer.echo(
+            f"{out}: {result.fg_rows} foreground entries ({result.fg_dropped} misclassified dropped), "
+            f"{result.bg_rows} background entries from {result.images} images ({result.images_per_s:.1f} images/s)"
+        )
+
+    run_stage(body)
+
+
+if __name__ == "__main__":
+    typer.run(main)

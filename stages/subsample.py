@@ -1,0 +1,55 @@
+"""Stage subsample: coreset (greedy k-center) or random subset of the source memories.
+
+Writes models/memory/subsampled.h5 (the full memory's schema plus fg/index and bg/index, each kept row's
+place in the full memory) and reports/memory/coverage.json (entries, kept and coverage radius per class
+and for the background, next to a random subset's radius). Reads params: subsample.method
+(coreset | random | none), subsample.fg_ratio, subsample.bg_ratio, subsample.projection_dim (0 = none),
+subsample.seed, subsample.device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vspa.config import stage_config
+from vspa.coreset.kcenter import subsample_memory
+from vspa.memory.store import open_memory, write_memory
+from vspa.utils import get_device, run_stage, sha256_file, write_json_atomic
+
+
+def main(
+    params: str = typer.Option("params.yaml", help="Params file."),
+    memory: Path = typer.Option(Path("models/memory/full.h5"), help="Full memory file."),
+    out: Path = typer.Option(Path("models/memory/subsampled.h5"), help="Output subsampled memory file."),
+    coverage: Path = typer.Option(Path("reports/memory/coverage.json"), help="Output coverage report."),
+) -> None:
+    def body() -> None:
+        cfg = stage_config(params, "subsample")["subsample"]
+        bank = open_memory(memory)
+        subset, report = subsample_memory(
+            bank,
+            method=str(cfg.get("method", "coreset")),
+            fg_ratio=float(cfg.get("fg_ratio", 0.5)),
+            bg_ratio=float(cfg.get("bg_ratio", 0.3)),
+            projection_dim=int(cfg.get("projection_dim", 0) or 0),
+            seed=int(cfg.get("seed", 0)),
+            device=get_device(cfg.get("device") or "auto"),
+            progress=None,
+        )
+        subset.attrs["full_memory_sha256"] = sha256_file(memory)
+        write_memory(out, subset)
+        write_json_atomic(coverage, {**report, "memory": str(out), "full_memory": str(memory)})
+        fg, bg = report["fg"], report["bg"]
+        typer.echo(
+            f"{out}: kept {fg['kept']}/{fg['entries']} foreground (radius {fg['radius']:.3f}, random "
+            f"{fg['random_radius']:.3f}) and {bg['kept']}/{bg['entries']} background (radius {bg['radius']:.3f}, "
+            f"random {bg['random_radius']:.3f}) by {report['method']}"
+        )
+
+    run_stage(body)
+
+
+if __name__ == "__main__":
+    typer.run(main)
