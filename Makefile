@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 repro: $(STAMP)
 	@test -d .dvc || $(BIN)/dvc init --quiet
-	$(BIN)/dvc repro
+	$(BIN)/dvc repro report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

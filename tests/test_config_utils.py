@@ -28,8 +28,8 @@ def test_stage_config_reads_a_file_and_reports_a_missing_section(tmp_path):
     path.write_text(yaml.safe_dump({"scenario": "synth_real", "model": {"backbone": None}}))
     cfg = stage_config(str(path), "model")
     assert cfg["scenario"] == "synth_real" and cfg["model"]["backbone"] == "small"
-    with pytest.raises(VspaError, match=r"params.yaml: missing section 'adapt:'"):
-        stage_config(str(path), "adapt")
+    with pytest.raises(VspaError, match=r"params.yaml: missing section 'evaluate:'"):
+        stage_config(str(path), "evaluate")
 
 
 def test_every_preset_parses_to_a_mapping():
@@ -48,3 +48,13 @@ def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text().strip().startswith('{\n  "mAP": 1.0')
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_atomic_output_gets_ordinary_permissions(tmp_path):
+    import os
+
+    target = tmp_path / "a.json"
+    write_json_atomic(target, {})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -22,6 +22,7 @@ TINY = {
     "model": {"min_size": 96, "max_size": 192},
     "pretrain": {"iterations": 4, "batch_size": 2, "warmup_iters": 1, "lr_steps": [3], "checkpoint_every": 2},
     "oracle": {"iterations": 4, "batch_size": 2, "warmup_iters": 1, "lr_steps": [3], "checkpoint_every": 2},
+    "adapt": {"iterations": 3, "batch_size": 1, "checkpoint_every": 2, "refresh_every": 2, "tau": 0.0},
     "evaluate": {"batch_size": 4},
 }
 
@@ -64,13 +65,19 @@ def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
     repo, _ = tiny_repo
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     stages = set(lock["stages"])
-    assert {"prepare", "pretrain", "oracle"} <= stages
-    for name in ("source_on_source", "source_on_target", "oracle_on_target"):
+    assert {"prepare", "pretrain", "oracle", "extract_memory", "subsample", "adapt@vspa", "report"} <= stages
+    for name in ("source_on_source", "source_on_target", "oracle_on_target", "at_like", "vspa"):
         metrics = json.loads((repo / "reports" / "metrics" / f"{name}.json").read_text())
         assert 0.0 <= metrics["mAP"] <= 100.0
         assert set(metrics["AP"]) == {"car", "person", "truck"}
         assert metrics["num_images"] == 4
     assert (repo / "models" / "source" / "model.pt").stat().st_size > 0
+    table = (repo / "reports" / "comparison.md").read_text()
+    from vspa.reporting.tables import ROW_DESCRIPTIONS
+
+    for row in ("source_on_target", "at_like", "vspa", "oracle_on_target"):
+        assert ROW_DESCRIPTIONS[row] in table, table
+    assert "missing" not in table
 
 
 @pytest.mark.e2e
@@ -91,5 +98,7 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
 
     assert changed_after("pretrain", "lr", 0.005) == {"pretrain"}
     assert changed_after("oracle", "lr", 0.005) == {"oracle"}
+    assert changed_after("subsample", "fg_ratio", 0.7) == {"subsample"}
+    assert changed_after("adapt_vspa", "lambda_fg", 0.1) == {"adapt@vspa"}
     changed = changed_after("evaluate", "iou", 0.6)
     assert changed and all(name.startswith("evaluate@") for name in changed), changed

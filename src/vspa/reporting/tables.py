@@ -23,6 +23,9 @@ ROW_DESCRIPTIONS: dict[str, str] = {
     "at_like": "Mean teacher + image-level adversarial (AT-like, no memory)",
     "vspa": "VSPA: mean teacher + memory fg/bg alignment (ours)",
     "oracle_on_target": "Oracle (trained on target labels)",
+    "translate_cut": "Translator without attention (CUT-like) + frozen source detector",
+    "translate_attention": "Attention translator, no local-global loss + frozen source detector",
+    "translate_attention_lg": "Attention translator + local-global loss + frozen source detector",
 }
 
 # Numbers printed in the paper (AP50, percent), for the scenarios it reports. Keys are scenario names;
