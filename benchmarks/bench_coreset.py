@@ -19,6 +19,7 @@ centre, concatenates them with the running minimum and takes the minimum again.
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -89,6 +90,7 @@ def main(
     out_dir: Path = typer.Option(Path("reports/bench"), help="Where coreset.json / coreset.md go."),
 ) -> None:
     torch.set_num_threads(threads)
+    load_start = os.getloadavg()[0]
     x = l2_normalize(clustered_features(n, dim, seed=seed))
     k = num_to_keep(n, ratio)
     results = {}
@@ -126,6 +128,7 @@ def main(
         "threads": threads,
         "seed": seed,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "load_average": [load_start, os.getloadavg()[0]],
         "methods": results,
         "data": "clustered_features(): 300-cluster power-law mixture in 64-d, random map to 1024-d, noise, ReLU",
     }
@@ -142,7 +145,8 @@ def main(
         "\n".join(
             [
                 f"Coreset on {n:,} x {dim} clustered features, keeping {ratio:.0%} ({k:,} rows), "
-                f"{threads} CPU thread(s), same process.",
+                f"{threads} CPU thread(s), same process; 1-minute load average {load_start:.1f} at the start, "
+                f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores).",
                 "",
                 "| method | seconds | coverage radius | kept | speed-up vs PatchCore | radius / PatchCore's |",
                 "| --- | ---: | ---: | ---: | ---: | ---: |",

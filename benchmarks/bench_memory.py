@@ -17,6 +17,7 @@ grows with the number of entries.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -148,6 +149,7 @@ def run(
 ) -> None:
     """Retrieval and extraction benchmarks; writes memory.json and memory.md to ``out_dir``."""
     torch.set_num_threads(threads)
+    load_start = os.getloadavg()[0]
     retrieval = [
         bench_retrieval(entries, 1024, queries, classes, k, repeats) for classes in (1, 3) for k in (1, 10)
     ]
@@ -172,10 +174,15 @@ def run(
                    f"peak growth {result['peak_growth_mib']:.1f} MiB")
 
     report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-              "threads": threads, "retrieval": retrieval, "extraction": extraction}
+              "threads": threads, "load_average": [load_start, os.getloadavg()[0]],
+              "retrieval": retrieval, "extraction": extraction}
     write_json_atomic(out_dir / "memory.json", report)
     lines = [
-        f"Retrieval on the CPU ({threads} thread(s)): {queries} queries x {entries:,} entries x 1024-d, median of {repeats}.",
+        f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        f"({os.cpu_count()} cores).",
+        "",
+        f"Retrieval on the CPU ({threads} thread(s)): {queries} queries x {entries:,} entries x 1024-d, "
+        f"median of {repeats}.",
         "",
         "| classes | k | median ms | min ms | setup s |",
         "| ---: | ---: | ---: | ---: | ---: |",
