@@ -14,7 +14,7 @@ sign posts (occluders and distractors), and 2-8 objects of the scenario's classe
 - ``car`` (3.8-4.8 m long, 1.4-1.7 m high), ``person`` (1.55-1.9 m), ``truck`` (6.5-10 m, 3-3.8 m high);
 - orientation ``front`` / ``back`` (narrow; headlights and grille vs red tail lights and plate),
   ``side`` (long, wheels, cabin; front to the right) or ``side_mirrored``;
-- colour from a palette with jitter; depth log-uniform in ``DEPTH_RANGE_M`` (6-45 m);
+- colour from a palette with jitter; depth log-uniform in ``DEPTH_RANGE_M`` (6-45 m; persons up to 28 m, ``CLASS_MAX_DEPTH_M``);
 - objects are drawn near to far with a depth test, so a placed object's visible pixels are final:
   a placement that would be more than ``MAX_OCCLUSION`` hidden (by nearer objects, trees, posts or the
   image border), whose visible part is under ``MIN_HEIGHT_PX`` high or ``MIN_WIDTH_PX`` wide, or that
@@ -61,10 +61,12 @@ SKY_DEPTH_M = 655.35  # the largest depth a uint16 PNG in centimetres holds
 SKYLINE_DEPTH_M = 400.0
 FACADE_MAX_DEPTH_M = 300.0
 DEPTH_RANGE_M = (6.0, 45.0)
+# Persons stop nearer: at 45 m a 0.6 m wide person is 4 px wide, too thin for any anchor of a stride-4 map.
+CLASS_MAX_DEPTH_M = {"person": 28.0}
 OBJECTS_PER_IMAGE = (2, 8)
 MAX_OCCLUSION = 0.6
 MIN_HEIGHT_PX = 8
-MIN_WIDTH_PX = 4
+MIN_WIDTH_PX = 5
 MAX_HEIGHT_FRACTION = 0.75  # a nearer placement is redrawn further away
 PLACEMENT_RETRIES = 3
 OBJECT_ID_SPLIT_STRIDE = 10_000_000
@@ -321,7 +323,7 @@ def _person(rng, colour, orientation: str, scale: float) -> Sprite:
         s.paint(head, skin)
         s.paint(head & ((s.x < 0.36) | (s.y > head_y + 0.5 * head_r)), hair)  # face to the right
     else:
-        W = 0.6
+        W = 0.75
         s = Sprite(W, H, scale)
         s.paint(s.rect(0.22 * W, 0.47 * W, 0.03 * H, 0.5 * H), trousers)
         s.paint(s.rect(0.53 * W, 0.78 * W, 0.03 * H, 0.5 * H), trousers)
@@ -573,7 +575,8 @@ def _overlaps(a: tuple, b: tuple) -> bool:
 
 def _sample_placement(rng, cls: str, road: dict, min_depth: float) -> tuple[float, float, str]:
     lo = max(min_depth, DEPTH_RANGE_M[0])
-    depth = math.exp(rng.uniform(math.log(lo), math.log(max(DEPTH_RANGE_M[1], lo * 1.01))))
+    hi = CLASS_MAX_DEPTH_M.get(cls, DEPTH_RANGE_M[1])
+    depth = math.exp(rng.uniform(math.log(lo), math.log(max(hi, lo * 1.01))))
     orientation = ORIENTATIONS[rng.integers(4)]
     half = road["half"]
     if cls == "person" and rng.random() < 0.75:  # on a pavement
