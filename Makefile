@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 repro: $(STAMP)
 	@test -d .dvc || $(BIN)/dvc init --quiet
-	$(BIN)/dvc repro report
+	$(BIN)/dvc repro report evaluate@source_on_source
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

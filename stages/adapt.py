@@ -40,7 +40,7 @@ def adapt_section(params: dict, name: str, path: str = "params.yaml") -> dict:
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
     name: str = typer.Option("vspa", help="Run name: reads the optional override section adapt_<name>."),
-    model: Path = typer.Option(Path("models/source/model.pt"), help="Source detector checkpoint (the student's start)."),
+    model: Path = typer.Option(Path("models/source/model.pt"), help="Source detector checkpoint (student's start)."),
     source: Path = typer.Option(Path("data/benchmark/source_train"), help="Labelled source split folder."),
     target: Path = typer.Option(Path("data/benchmark/target_train"), help="Unlabelled target split folder."),
     memory: Path = typer.Option(Path("models/memory/subsampled.h5"), help="Memory file (read only if used)."),
@@ -76,9 +76,10 @@ def main(
         )
         if ctx.is_main:
             print(
-                f"[adapt:{name}] fg {cfg.fg_mode if cfg.use_fg else 'off'}, bg {cfg.bg_mode if cfg.use_bg else 'off'}, "
-                f"img {'on' if cfg.use_img else 'off'}; {cfg.iterations} iterations of {cfg.batch_size}+{cfg.batch_size} "
-                f"images, lr {cfg.lr:g}, tau {cfg.tau:g} on {ctx.device}"
+                f"[adapt:{name}] fg {cfg.fg_mode if cfg.use_fg else 'off'}, "
+                f"bg {cfg.bg_mode if cfg.use_bg else 'off'}, "
+                f"img {'on' if cfg.use_img else 'off'}; {cfg.iterations} iterations of "
+                f"{cfg.batch_size}+{cfg.batch_size} images, lr {cfg.lr:g}, tau {cfg.tau:g} on {ctx.device}"
                 + (f" x {ctx.world_size} processes" if ctx.enabled else "")
                 + f"; memory {memory_path or '-'} -> {out_dir}",
                 file=sys.stderr,

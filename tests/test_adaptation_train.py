@@ -166,7 +166,8 @@ def test_config_defaults_errors_and_override_section():
         AdaptConfig.from_params({"iterations": 5, "batch_size": 2, "lr": 0.01, "fg_mode": "memroy"})
     with pytest.raises(VspaError, match="adapt.iterations is not set"):
         AdaptConfig.from_params({"batch_size": 2, "lr": 0.01})
-    at_like = AdaptConfig.from_params({"iterations": 5, "batch_size": 2, "lr": 0.01, "fg_mode": "off", "bg_mode": "off"})
+    at_like = AdaptConfig.from_params({"iterations": 5, "batch_size": 2, "lr": 0.01, "fg_mode": "off",
+                                       "bg_mode": "off"})
     assert not at_like.needs_memory
     sys.path.insert(0, str(ROOT / "stages"))
     from adapt import adapt_section
@@ -282,12 +283,13 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_inputs, tmp_path):
     assert any(not torch.equal(v, t_ref.state_dict()[k]) for k, v in source.state_dict().items())
 
 
-@pytest.mark.parametrize("fg_mode", ["inbatch_c2c", "prototype", "off"])
-def test_variants_run(tiny_inputs, tmp_path, fg_mode):
+@pytest.mark.parametrize(("fg_mode", "align_view"), [("inbatch_c2c", "strong"), ("prototype", "weak"), ("off", "weak")])
+def test_variants_run(tiny_inputs, tmp_path, fg_mode, align_view):
     torch.set_num_threads(1)
     memory = tiny_inputs["memory"] if fg_mode == "prototype" else None  # the others must not need one
     _, _, summary = run_adapt({**tiny_inputs, "memory": memory}, tmp_path, iterations=1, fg_mode=fg_mode,
-                              bg_mode="off", refresh_every=0, lambda_img=0.0, source_strong=False)
+                              bg_mode="off", refresh_every=0, lambda_img=0.0, source_strong=False,
+                              align_view=align_view)
     rows = read_rows(tmp_path / "losses.csv")
     assert (float(rows[0]["loss_fg"]) > 0) == (fg_mode != "off")
     assert float(rows[0]["loss_bg"]) == 0 and float(rows[0]["loss_img"]) == 0

@@ -12,7 +12,8 @@ from vspa.detection.backbones import DEFAULT_ANCHOR_SIZES
 from vspa.detection.model import LOSS_NAMES, DetectorConfig, build_detector
 from vspa.utils import VspaError
 
-TINY = dict(backbone="small", small_width=8, min_size=64, max_size=128, anchor_sizes=[16, 32, 64])
+TINY = dict(backbone="small", small_width=8, min_size=64, max_size=128, anchor_sizes=[16, 32, 64],
+            aspect_ratios=[0.5, 1.0], rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100)
 
 
 def tiny_detector(num_classes: int = 2, seed: int = 0):
@@ -34,7 +35,8 @@ def tiny_batch():
 
 
 def test_config_from_params_fills_defaults_and_rejects_unknown_keys():
-    cfg = DetectorConfig.from_params({"backbone": "small", "pretrained_weights": None, "min_size": 96, "max_size": None})
+    section = {"backbone": "small", "pretrained_weights": None, "min_size": 96, "max_size": None}
+    cfg = DetectorConfig.from_params(section)
     assert (cfg.min_size, cfg.max_size, cfg.small_width) == (96, 320, DetectorConfig.small_width)
     assert cfg.effective_anchor_sizes() == DEFAULT_ANCHOR_SIZES["small"]
     assert DetectorConfig.from_params({"anchor_sizes": [8, 24]}).effective_anchor_sizes() == (8, 24)
@@ -179,7 +181,8 @@ def test_pretrained_weights_are_loaded_and_frozen_or_rejected(tmp_path):
     conv1 = torch.randn(64, 3, 7, 7)
     good = tmp_path / "partial.pth"
     torch.save(OrderedDict([("conv1.weight", conv1), ("fc.weight", torch.zeros(2, 2))]), good)
-    det = build_detector(DetectorConfig(backbone="resnet50", pretrained_weights=str(good), min_size=64, max_size=128), 1)
+    cfg = DetectorConfig(backbone="resnet50", pretrained_weights=str(good), min_size=64, max_size=128)
+    det = build_detector(cfg, 1)
     body = det.model.backbone.body
     assert torch.equal(body.conv1.weight, conv1) and not body.conv1.weight.requires_grad
     assert body.layer2[0].conv1.weight.requires_grad

@@ -24,6 +24,8 @@ TINY = {
     "oracle": {"iterations": 4, "batch_size": 2, "warmup_iters": 1, "lr_steps": [3], "checkpoint_every": 2},
     "adapt": {"iterations": 3, "batch_size": 1, "checkpoint_every": 2, "refresh_every": 2, "tau": 0.0},
     "evaluate": {"batch_size": 4},
+    "translate": {"iterations": 3, "checkpoint_every": 2, "crop_height": 32, "crop_width": 64, "ngf": 8, "ndf": 8,
+                  "num_patches": 32, "queue_size": 16},
 }
 
 
@@ -66,7 +68,8 @@ def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     stages = set(lock["stages"])
     assert {"prepare", "pretrain", "oracle", "extract_memory", "subsample", "adapt@vspa", "report"} <= stages
-    for name in ("source_on_source", "source_on_target", "oracle_on_target", "at_like", "vspa"):
+    rows = ("source_on_source", "source_on_target", "oracle_on_target", "at_like", "vspa")
+    for name in rows + ("translate_cut", "translate_attention", "translate_attention_lg"):
         metrics = json.loads((repo / "reports" / "metrics" / f"{name}.json").read_text())
         assert 0.0 <= metrics["mAP"] <= 100.0
         assert set(metrics["AP"]) == {"car", "person", "truck"}
@@ -78,6 +81,7 @@ def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
     for row in ("source_on_target", "at_like", "vspa", "oracle_on_target"):
         assert ROW_DESCRIPTIONS[row] in table, table
     assert "missing" not in table
+    assert "missing" not in (repo / "reports" / "comparison_all.md").read_text()
 
 
 @pytest.mark.e2e
@@ -100,5 +104,6 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     assert changed_after("oracle", "lr", 0.005) == {"oracle"}
     assert changed_after("subsample", "fg_ratio", 0.7) == {"subsample"}
     assert changed_after("adapt_vspa", "lambda_fg", 0.1) == {"adapt@vspa"}
+    assert changed_after("translate", "lambda_ga", 0.5) == {f"translate_train@{v}" for v in ("cut", "attention", "attention_lg")}
     changed = changed_after("evaluate", "iou", 0.6)
     assert changed and all(name.startswith("evaluate@") for name in changed), changed

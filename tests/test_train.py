@@ -17,7 +17,9 @@ from vspa.detection.train import CSV_COLUMNS, TrainConfig, global_batch, train_d
 from vspa.utils import VspaError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = dict(backbone="small", small_width=8, min_size=64, max_size=128, anchor_sizes=[16, 32, 64])
+TINY_MODEL = dict(backbone="small", small_width=8, min_size=64, max_size=128, anchor_sizes=[16, 32, 64],
+                  aspect_ratios=[0.5, 1.0], rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
+                  rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_batch_size_per_image=32)
 
 
 class TinyDataset(torch.utils.data.Dataset):
@@ -126,8 +128,9 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, capsys):
 
 
 def test_a_different_config_starts_over(tmp_path, capsys):
-    train_detector(TinyDataset(), fresh_detector(), train_cfg(iterations=3), tmp_path, tmp_path / "l.csv", progress=False)
-    train_detector(TinyDataset(), fresh_detector(), train_cfg(iterations=3, lr=0.02), tmp_path, tmp_path / "l.csv", progress=False)
+    for lr in (0.01, 0.02):
+        cfg = train_cfg(iterations=3, lr=lr)
+        train_detector(TinyDataset(), fresh_detector(), cfg, tmp_path, tmp_path / "l.csv", progress=False)
     assert "different configuration" in capsys.readouterr().err
     rows = read_csv(tmp_path / "l.csv")
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3] and float(rows[1]["lr"]) == pytest.approx(0.02 * 0.5005)
@@ -135,7 +138,7 @@ def test_a_different_config_starts_over(tmp_path, capsys):
 
 def test_non_finite_loss_names_the_iteration_and_the_fix(tmp_path):
     with pytest.raises(VspaError, match=r"diverged at iteration 1: non-finite loss.*Lower the learning rate"):
-        train_detector(TinyDataset(fill=float("nan")), fresh_detector(), train_cfg(), tmp_path, tmp_path / "l.csv", progress=False)
+        train_detector(TinyDataset(fill=float("nan")), fresh_detector(), train_cfg(), tmp_path, tmp_path / "l.csv")
     assert not (tmp_path / "l.csv").exists()
 
 
@@ -180,3 +183,50 @@ def test_two_processes_train_in_sync_and_only_rank0_writes(tmp_path):
     assert [int(r["iteration"]) for r in read_csv(log)] == [1, 2, 3]
     state = torch.load(work / "last.pt", weights_only=True)
     assert state["iteration"] == 3 and all(torch.equal(state["model"][k], a[k]) for k in a)
+
+
+def write_tiny_split(folder: Path) -> None:
+    """A 4-image COCO split on disk (the TinyDataset images as PNGs)."""
+    from PIL import Image
+
+    from vspa.data.coco import write_coco
+
+    images, annotations = [], []
+    for i, (image, target) in enumerate(TinyDataset()):
+        name = f"images/{i:06d}.png"
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(folder / name)
+        images.append({"id": i, "file_name": name, "width": 128, "height": 64})
+        for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
+            x1, y1, x2, y2 = box
+            annotations.append({"id": len(annotations), "image_id": i, "category_id": label, "iscrowd": 0,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+    categories = [{"id": 1, "name": "car"}, {"id": 2, "name": "person"}]
+    write_coco(folder / "annotations.json", images, annotations, categories, info={"split": "train"})
+
+
+def test_training_stage_writes_checkpoint_and_log_and_resumes(tmp_path, capsys):
+    import yaml
+
+    from vspa.detection import checkpoint
+    from vspa.detection.train import run_training_stage
+
+    write_tiny_split(tmp_path / "split")
+    params = {
+        "scenario": "synth_fog",
+        "model": {**TINY_MODEL, "pretrained_weights": None},
+        "oracle": {"seed": 0, "device": "cpu", "iterations": 2, "batch_size": 2, "lr": 0.01, "warmup_iters": 1,
+                   "lr_steps": [], "strong_aug": False, "checkpoint_every": 1},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    args = (str(tmp_path / "params.yaml"), "oracle", tmp_path / "split", tmp_path / "m.pt", tmp_path / "l.csv",
+            tmp_path / "work", "oracle training")
+    run_training_stage(*args)
+    detector, meta = checkpoint.load(tmp_path / "m.pt")
+    assert meta["class_names"] == ["car", "person"] and meta["extra"]["stage"] == "oracle"
+    assert meta["config"].small_width == TINY_MODEL["small_width"]
+    assert [int(r["iteration"]) for r in read_csv(tmp_path / "l.csv")] == [1, 2]
+    run_training_stage(*args)  # already complete: resumes at the end, same weights
+    assert "resuming from" in capsys.readouterr().err
+    again, _ = checkpoint.load(tmp_path / "m.pt")
+    assert all(torch.equal(a, b) for a, b in zip(detector.state_dict().values(), again.state_dict().values()))

@@ -156,7 +156,8 @@ def background_loss(
     target_background: torch.Tensor,
     grl_coeff: float = 1.0,
 ) -> torch.Tensor:
-    """``bg_mode: memory``: adversarial loss between target backgrounds and their nearest memory backgrounds."""
+    """``bg_mode: memory``: adversarial loss between target backgrounds and their nearest memory backgrounds
+    (``grl_coeff`` scales the reversed gradient that reaches ``target_background``)."""
     if len(target_background) == 0:
         return target_background.sum() * 0.0
     idx, _ = retriever.topk_background(target_background, k=1)

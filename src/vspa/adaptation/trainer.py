@@ -9,8 +9,8 @@ One iteration (method spec section 5):
 3. the student's losses: supervised on the source weak + strong views (all four Faster R-CNN losses);
    unsupervised on the strong target views with the pseudo-labels (RPN objectness + ROI classification, no
    box regression) x ``lambda_unsup``; image-level adversarial loss (discriminator on the backbone map,
-   gradient reversal) x ``lambda_img``; foreground triplet loss x ``lambda_fg``; background adversarial
-   loss x ``lambda_bg`` (see :mod:`vspa.adaptation.align`);
+   gradient reversal) weighted by ``lambda_img``; foreground triplet loss x ``lambda_fg``; background
+   adversarial loss weighted by ``lambda_bg`` (see :mod:`vspa.adaptation.align`);
 4. one SGD step for the student and the discriminators, then the EMA update of the teacher;
 5. every ``refresh_every`` iterations the memory is extracted again from the source split with the current
    student (or teacher) and subsampled again with the method and ratios recorded in the memory file.
@@ -20,9 +20,15 @@ Determinism: every random draw of iteration ``k`` comes from generators seeded b
 (:func:`vspa.detection.train.derive_seed`), so the state at a checkpoint is a function of the iteration, and
 a run killed and resumed from its last checkpoint gives bit-identical weights on the CPU.
 
-The image-level discriminator sees the source features of the supervised pass and the target features of
-the unsupervised pass (Adaptive Teacher runs an extra forward pass of the weak views for it; reusing the
-maps computed anyway gives the same alignment objective for less compute).
+Alignment view (``align_view``). With ``weak`` (default) the image discriminator compares the weak source
+views with the weak target views, as Adaptive Teacher does, and the foreground / background target features
+come from the student's map of the weak target views: the views the teacher labelled and, like the memory
+(extracted without augmentation), free of photometric augmentation, so a discriminator cannot tell the
+domains apart by the augmentation alone. It costs one more student backbone pass over the target images.
+``strong`` reuses the maps of the supervised / unsupervised passes instead. For both adversarial terms the
+detector receives ``-lambda`` times the gradient of the discriminator's loss; by default
+(``disc_full_rate``) the discriminators themselves learn at the full learning rate (see
+:meth:`StudentStep._adversarial_weights`).
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ from vspa.utils import (
 
 STATE_FORMAT = "vspa-adapt-state/1"
 FG_BOXES = ("teacher", "student")
+ALIGN_VIEWS = ("weak", "strong")
 REFRESH_MODELS = ("student", "teacher")
 CSV_COLUMNS = (
     "iteration",
@@ -110,9 +117,10 @@ class AdaptConfig:
     fg_boxes: str = "teacher"  # whose detections (score >= tau) give the target instances: teacher | student
     top_k: int = 1
     margin: float = 1.5
-    grl_coeff: float = 1.0
+    disc_full_rate: bool = True  # discriminators learn at the full rate; lambda scales the reversed gradient
     img_disc_width: int = 64
     source_strong: bool = True  # supervised loss also on the strong source view (Adaptive Teacher)
+    align_view: str = "weak"  # target view of the discriminators and the fg/bg features: weak | strong
     refresh_every: int = 0  # 0: never refresh the memory
     refresh_model: str = "student"  # student | teacher
     checkpoint_every: int = 50
@@ -156,9 +164,9 @@ class AdaptConfig:
             (self.fg_mode in FG_MODES, f"fg_mode must be one of {', '.join(FG_MODES)}"),
             (self.bg_mode in BG_MODES, f"bg_mode must be one of {', '.join(BG_MODES)}"),
             (self.fg_boxes in FG_BOXES, f"fg_boxes must be one of {', '.join(FG_BOXES)}"),
+            (self.align_view in ALIGN_VIEWS, f"align_view must be one of {', '.join(ALIGN_VIEWS)}"),
             (self.top_k >= 1, "top_k must be >= 1"),
             (self.margin >= 0, "margin must be >= 0"),
-            (self.grl_coeff >= 0, "grl_coeff must be >= 0"),
             (self.img_disc_width >= 1, "img_disc_width must be >= 1"),
             (self.refresh_every >= 0, "refresh_every must be >= 0 (0 = never)"),
             (self.refresh_model in REFRESH_MODELS, f"refresh_model must be one of {', '.join(REFRESH_MODELS)}"),
@@ -252,10 +260,14 @@ class StudentStep(nn.Module):
         self,
         src_images: list[torch.Tensor],
         src_targets: list[dict],
-        tgt_images: list[torch.Tensor],
+        tgt_weak: list[torch.Tensor],
+        tgt_strong: list[torch.Tensor],
         pseudo: list[dict],
         generator: torch.Generator,
     ) -> dict[str, torch.Tensor]:
+        """Every loss of one iteration. ``src_images``: the weak source views, then (``source_strong``) their
+        strong views; ``pseudo``: the teacher's pseudo-labels of the target images (weak-view coordinates,
+        which the photometric strong view shares)."""
         cfg, det = self.cfg, self.detector
         out: dict[str, torch.Tensor] = {}
         times: list[float] = []
@@ -266,7 +278,7 @@ class StudentStep(nn.Module):
         out.update(sup)
         out["loss_sup"] = sum(sup[k] for k in LOSS_NAMES)
 
-        tgt_list, tgt_t = det.prepare(tgt_images, pseudo)
+        tgt_list, tgt_t = det.prepare(tgt_strong, pseudo)
         tgt_feats = det.backbone_features(tgt_list)
         unsup = det.supervised_losses(tgt_list, tgt_feats, tgt_t)
         out["unsup_objectness"] = unsup["loss_objectness"]
@@ -277,20 +289,48 @@ class StudentStep(nn.Module):
         zero = total.new_zeros(())
         out["loss_img"] = out["loss_fg"] = out["loss_bg"] = zero
         out["fg_pairs"] = total.new_tensor(0.0)
+        if not (cfg.use_img or cfg.use_fg or cfg.use_bg):
+            out["time_align"] = zero
+            out["total"] = total
+            return out
+
+        n_weak = len(src_t) // 2 if cfg.source_strong else len(src_t)
+        if cfg.align_view == "weak":  # the views the memory and the teacher see: no photometric augmentation
+            al_list, al_t = det.prepare(tgt_weak, pseudo)
+            al_feats = det.backbone_features(al_list)
+            src_al_feats = {k: v[:n_weak] for k, v in src_feats.items()}
+        else:
+            al_list, al_t, al_feats, src_al_feats = tgt_list, tgt_t, tgt_feats, src_feats
         if self.img_disc is not None:
             key = next(iter(src_feats))
-            out["loss_img"] = adversarial_loss(self.img_disc, src_feats[key], tgt_feats[key], cfg.grl_coeff)
-            total = total + cfg.lambda_img * out["loss_img"]
+            weight, coeff = self._adversarial_weights(cfg.lambda_img)
+            out["loss_img"] = adversarial_loss(self.img_disc, src_al_feats[key], al_feats[key], coeff)
+            total = total + weight * out["loss_img"]
         if cfg.use_fg or cfg.use_bg:
             with _timer(total.device, times):
-                out.update(self._alignment_losses(src_list, src_feats, src_t, tgt_list, tgt_feats, tgt_t, generator))
-            total = total + cfg.lambda_fg * out["loss_fg"] + cfg.lambda_bg * out["loss_bg"]
+                source = None
+                if cfg.use_fg and self.aligner.needs_source_instances:
+                    source = self._source_instances(src_list, src_feats, src_t, n_weak)
+                out.update(self._alignment_losses(al_list, al_feats, al_t, source, generator))
+            bg_weight = self._adversarial_weights(cfg.lambda_bg)[0]
+            total = total + cfg.lambda_fg * out["loss_fg"] + bg_weight * out["loss_bg"]
         out["time_align"] = total.new_tensor(times[0] if times else 0.0)
         out["total"] = total
         return out
 
-    def _alignment_losses(self, src_list, src_feats, src_t, tgt_list, tgt_feats, tgt_t, generator) -> dict:
-        """Foreground triplet loss (with the number of triplets) and background adversarial loss."""
+    def _adversarial_weights(self, lam: float) -> tuple[float, float]:
+        """(weight of the discriminator loss in the total, gradient-reversal coefficient) for weight ``lam``.
+
+        Both give the detector the same reversed gradient, ``-lam * dL/dfeatures``. With ``disc_full_rate``
+        the discriminator minimises its loss at the full learning rate (DANN's form: lambda is the reversal
+        coefficient); otherwise its gradient is scaled by ``lam`` too (``lam * L`` through a unit reversal,
+        as Adaptive Teacher writes it), which leaves it nearly untrained in a short run.
+        """
+        return (1.0, lam) if self.cfg.disc_full_rate else (lam, 1.0)
+
+    def _alignment_losses(self, tgt_list, tgt_feats, tgt_t, source: SourceInstances | None, generator) -> dict:
+        """Foreground triplet loss (with the number of triplets) and background adversarial loss, on the
+        student's map ``tgt_feats`` of the target images."""
         cfg, det = self.cfg, self.detector
         if cfg.fg_boxes == "student":
             dets = student_detections(det, tgt_list, tgt_feats)
@@ -302,19 +342,18 @@ class StudentStep(nn.Module):
         out = {}
         if cfg.use_fg:
             anchors = det.embed(det.pool(tgt_feats, boxes, tgt_list.image_sizes))
-            source = self._source_instances(src_list, src_feats, src_t) if self.aligner.needs_source_instances else None
             triplets = self.aligner.triplets(anchors, labels, generator, self.retriever, source)
             out["loss_fg"] = self.aligner.loss(triplets) if len(triplets.anchor) else anchors.sum() * 0.0
             out["fg_pairs"] = anchors.new_tensor(float(len(triplets.anchor)))
         if cfg.use_bg:
             target_bg = det.embed(det.pool_background(tgt_feats, boxes, tgt_list.image_sizes))
-            out["loss_bg"] = background_loss(self.bg_disc, self.retriever, target_bg, cfg.grl_coeff)
+            out["loss_bg"] = background_loss(
+                self.bg_disc, self.retriever, target_bg, self._adversarial_weights(cfg.lambda_bg)[1]
+            )
         return out
 
-    def _source_instances(self, src_list, src_feats: dict, src_t: list[dict]) -> SourceInstances:
-        """In-batch source instances (ground-truth boxes of the weak views, the first half when the strong
-        views follow) and backgrounds, detached."""
-        n = len(src_t) // 2 if self.cfg.source_strong else len(src_t)
+    def _source_instances(self, src_list, src_feats: dict, src_t: list[dict], n: int) -> SourceInstances:
+        """In-batch source instances (ground-truth boxes of the ``n`` weak views) and backgrounds, detached."""
         feats = {k: v[:n].detach() for k, v in src_feats.items()}
         sizes = src_list.image_sizes[:n]
         boxes = [t["boxes"] for t in src_t[:n]]
@@ -569,7 +608,7 @@ def adapt(
             torch.manual_seed(derive_seed(cfg.seed, it, ctx.rank, _SAMPLER))
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, it, ctx.rank, _ALIGN))
             lr = optimizer.param_groups[0]["lr"]
-            losses = model(src_images, src_targets, tgt_strong, pseudo_targets, generator)
+            losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator)
             losses["pseudo_per_image"] = losses["total"].new_tensor(
                 sum(len(p["labels"]) for p in pseudo) / len(pseudo)
             )

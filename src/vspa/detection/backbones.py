@@ -31,7 +31,7 @@ BACKBONES = ("small", "resnet50", "resnet101", "vgg16")
 
 # Anchor sizes (pixels, in the resized image) used when the model section does not give any.
 DEFAULT_ANCHOR_SIZES = {
-    "small": (8, 16, 32, 64, 128),
+    "small": (12, 24, 48, 96, 192),
     "resnet50": (32, 64, 128, 256, 512),
     "resnet101": (32, 64, 128, 256, 512),
     "vgg16": (32, 64, 128, 256, 512),

@@ -58,7 +58,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Detector
         detector = build_detector(cfg, int(ckpt["num_classes"]), load_weights=False)
         detector.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, RuntimeError) as exc:
-        raise VspaError(f"{path}: the detector checkpoint is incomplete or does not match its config ({exc}). {fix}") from exc
+        raise VspaError(
+            f"{path}: the detector checkpoint is incomplete or does not match its config ({exc}). {fix}"
+        ) from exc
     detector.to(device).eval()
     meta = {
         "config": cfg,

@@ -51,7 +51,9 @@ class DetectorConfig:
     rpn_pre_nms_top_n_test: int = 2000
     rpn_post_nms_top_n_test: int = 500
     rpn_batch_size_per_image: int = 256
-    box_batch_size_per_image: int = 128
+    rpn_fg_iou_thresh: float = 0.5  # anchors with IoU >= this are RPN positives (torchvision: 0.7)
+    rpn_bg_iou_thresh: float = 0.3  # ... and < this negatives
+    box_batch_size_per_image: int = 64
     box_detections_per_img: int = 100
     box_score_thresh: float = 0.0  # keep everything: evaluation wants the full precision/recall curve
     box_nms_thresh: float = 0.5
@@ -78,7 +80,11 @@ class DetectorConfig:
             if not isinstance(value, int) or value <= 0:
                 raise VspaError(f"{path}: model.{key} must be a positive integer, got {value!r}.")
         if self.min_size > self.max_size:
-            raise VspaError(f"{path}: model.min_size ({self.min_size}) is larger than model.max_size ({self.max_size}).")
+            raise VspaError(
+                f"{path}: model.min_size ({self.min_size}) is larger than model.max_size ({self.max_size})."
+            )
+        if not 0 < self.rpn_bg_iou_thresh <= self.rpn_fg_iou_thresh <= 1:
+            raise VspaError(f"{path}: need 0 < model.rpn_bg_iou_thresh <= model.rpn_fg_iou_thresh <= 1.")
         if self.anchor_sizes is not None and (not self.anchor_sizes or min(self.anchor_sizes) <= 0):
             raise VspaError(f"{path}: model.anchor_sizes must be a non-empty list of positive sizes in pixels.")
 
@@ -223,6 +229,8 @@ def build_detector(cfg: DetectorConfig, num_classes: int, load_weights: bool = T
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
         rpn_batch_size_per_image=cfg.rpn_batch_size_per_image,
+        rpn_fg_iou_thresh=cfg.rpn_fg_iou_thresh,
+        rpn_bg_iou_thresh=cfg.rpn_bg_iou_thresh,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_detections_per_img=cfg.box_detections_per_img,
         box_score_thresh=cfg.box_score_thresh,

@@ -65,7 +65,10 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(section) - names)
         if unknown:
-            raise VspaError(f"{path}: unknown key(s) in section '{name}:': {', '.join(unknown)}. Known: {', '.join(sorted(names))}.")
+            raise VspaError(
+                f"{path}: unknown key(s) in section '{name}:': {', '.join(unknown)}. "
+                f"Known keys: {', '.join(sorted(names))}."
+            )
         values = {k: v for k, v in section.items() if v is not None}
         for key in ("iterations", "batch_size", "lr"):
             if key not in values:
