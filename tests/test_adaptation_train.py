@@ -359,7 +359,6 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_two_processes_adapt_in_sync(tiny_inputs, tmp_path):
     script = tmp_path / "worker.py"
     work = tmp_path / "work"
