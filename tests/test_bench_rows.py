@@ -24,3 +24,17 @@ def test_mean_and_sample_std_over_seeds():
     table = bench_rows.render(summary, [0, 1])
     assert "| car | person | mAP |" in table
     assert "| 52.0 ± 2.8 | 32.0 ± 2.8 | 42.0 ± 2.8 |" in table
+
+
+def test_gap_closed_from_the_mean_maps():
+    results = {
+        s: {"source_on_target": {"mAP": 20.0 + s, "AP": {"car": 20.0}},
+            "vspa": {"mAP": 45.0 + s, "AP": {"car": 45.0}},
+            "oracle_on_target": {"mAP": 70.0 + s, "AP": {"car": 70.0}}}
+        for s in (0, 2)
+    }
+    summary = bench_rows.summarise(results, ["source_on_target", "vspa", "oracle_on_target"])
+    assert bench_rows.gap_closed(summary) == {"vspa": pytest.approx(50.0)}  # (46 - 21) / (71 - 21)
+    assert "50.0%" in bench_rows.render(summary, [0, 2])
+    del summary["oracle_on_target"]
+    assert bench_rows.gap_closed(summary) == {}
