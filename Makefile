@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python ...` through the shell: the venv's interpreter must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-slow bench clean-venv
+.PHONY: repro augsim test test-slow bench clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	@test -d .dvc || $(BIN)/dvc init --quiet
 	$(BIN)/dvc repro report evaluate@source_on_source
+
+# The visual-similarity experiment (AugSim -> FoggyAugSim, one adaptation run per pairing mode):
+# reports/augsim/{table.md,results.json,bar.png}. Not part of `repro`.
+augsim: $(STAMP)
+	@test -d .dvc || $(BIN)/dvc init --quiet
+	$(BIN)/dvc repro augsim_report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -2,7 +2,12 @@
 
 Reads params: model.*, adapt.* and, when present, the override section ``adapt_<name>`` (its non-null keys
 replace those of ``adapt``), so dvc.yaml can run several variants from this module, e.g.
-``--name at_like`` (section ``adapt_at_like``: fg_mode off, bg_mode off) and ``--name vspa``.
+``--name at_like`` (section ``adapt_at_like``: fg_mode off, bg_mode off) and ``--name vspa``. ``--seed``
+overrides ``adapt.seed`` (one run per seed without one section per seed).
+
+``fg_mode: pairing`` (the AugSim -> FoggyAugSim experiment, e.g. ``--name pairing_exact`` with section
+``adapt_pairing_exact``) also reads the pairing sets named by ``pairing_original`` and ``pairing_variants``
+and pairs the objects of ``--target`` with them; ``--memory`` gives the negatives.
 
 Writes ``<out>/model.pt`` (the final teacher, a detector checkpoint for the evaluate stage; never chosen on
 target test), ``<log-dir>/losses.csv`` (losses per iteration, for ``dvc plots``) and ``<log-dir>/summary.json``
@@ -12,13 +17,12 @@ and any refreshed memory stay in ``<out>/work/``. Multi-process: torchrun --npro
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
 import typer
 
-from vspa.adaptation.trainer import AdaptConfig, AdaptData, adapt, input_fingerprint
+from vspa.adaptation.trainer import AdaptConfig, AdaptData, adapt, build_pairing_table, input_fingerprint
 from vspa.config import effective_params
 from vspa.utils import VspaError, load_params, run_stage, seed_everything, write_json_atomic
 
@@ -46,6 +50,7 @@ def main(
     memory: Path = typer.Option(Path("models/memory/subsampled.h5"), help="Memory file (read only if used)."),
     out: Path = typer.Option(None, help="Output folder (default models/adapt/<name>)."),
     log_dir: Path = typer.Option(None, help="Folder of losses.csv and summary.json (default reports/adapt/<name>)."),
+    seed: int = typer.Option(None, help="Overrides adapt.seed (default: the params' seed)."),
 ) -> None:
     def body() -> None:
         from vspa.data.coco import DetectionDataset
@@ -55,7 +60,11 @@ def main(
         if not name or "/" in name or name.startswith("."):
             raise VspaError(f"--name '{name}': use a plain name such as vspa or at_like.")
         raw = load_params(params)
-        cfg = AdaptConfig.from_params(adapt_section(raw, name, params), name=f"adapt (+ adapt_{name})", path=params)
+        section = adapt_section(raw, name, params)
+        if seed is not None:
+            section["seed"] = seed
+        section_name = f"adapt (+ adapt_{name})"
+        cfg = AdaptConfig.from_params(section, name=section_name, path=params)
         out_dir = out or Path("models/adapt") / name
         logs = log_dir or Path("reports/adapt") / name
         source_json, target_json = source / "annotations.json", target / "annotations.json"
@@ -73,11 +82,13 @@ def main(
             target=tgt_ds,
             memory_path=memory_path,
             fingerprint=input_fingerprint(model, source_json, target_json, memory_path),
+            pairing_table=build_pairing_table(cfg, target, section_name, params) if cfg.use_pairing else None,
         )
         if ctx.is_main:
             print(
-                f"[adapt:{name}] fg {cfg.fg_mode if cfg.use_fg else 'off'}, "
-                f"bg {cfg.bg_mode if cfg.use_bg else 'off'}, "
+                f"[adapt:{name}] fg {cfg.fg_mode if cfg.use_fg else 'off'}"
+                + (f" ({cfg.pairing_mode})" if cfg.use_pairing else "")
+                + f", bg {cfg.bg_mode if cfg.use_bg else 'off'}, "
                 f"img {'on' if cfg.use_img else 'off'}; {cfg.iterations} iterations of "
                 f"{cfg.batch_size}+{cfg.batch_size} images, lr {cfg.lr:g}, tau {cfg.tau:g} on {ctx.device}"
                 + (f" x {ctx.world_size} processes" if ctx.enabled else "")
@@ -91,7 +102,7 @@ def main(
             extra = {
                 "stage": "adapt",
                 "name": name,
-                "adapt": dataclasses.asdict(cfg),
+                "adapt": cfg.record(),
                 "source_model": str(model),
                 "memory": str(memory_path) if memory_path else None,
                 "selected": "final teacher",

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # Tiny overrides of params.yaml: a few small images and a few iterations per model, enough to run every
-# stage for real in well under two minutes on a 2-core CPU. Values are checked for plausibility, not quality.
+# stage for real in a few minutes on a 2-core CPU (the AugSim experiment's 14 stages take about as long as
+# the rest). Values are checked for plausibility, not quality.
 TINY = {
     "prepare": {"height": 96, "width": 192, "source_train": 8, "source_test": 4, "target_train": 8, "target_test": 4},
     "model": {"min_size": 96, "max_size": 192},
@@ -24,6 +25,8 @@ TINY = {
     "oracle": {"iterations": 4, "batch_size": 2, "warmup_iters": 1, "lr_steps": [3], "checkpoint_every": 2},
     "adapt": {"iterations": 3, "batch_size": 1, "checkpoint_every": 2, "refresh_every": 2, "tau": 0.0},
     "evaluate": {"batch_size": 4},
+    # The AugSim experiment needs no entry of its own: its detector, memory and four pairing runs read
+    # pretrain, extract_memory, subsample and adapt above (adapt_pairing_* only set the mode and the sets).
     "translate": {"iterations": 3, "checkpoint_every": 2, "crop_height": 32, "crop_width": 64, "ngf": 8, "ndf": 8,
                   "num_patches": 32, "queue_size": 16},
 }
@@ -85,6 +88,27 @@ def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
 
 
 @pytest.mark.e2e
+def test_repro_runs_the_augsim_experiment(tiny_repo):
+    repo, _ = tiny_repo
+    stages = set(yaml.safe_load((repo / "dvc.lock").read_text())["stages"])
+    modes = ("exact", "color", "flip", "color_flip")
+    assert {"augsim", "pretrain_augsim", "extract_memory_augsim", "subsample_augsim", "augsim_report"} <= stages
+    assert {f"adapt_pairing@{m}_s0" for m in modes} | {"evaluate_augsim@source_only"} <= stages
+    for name in [f"{m}_s0" for m in modes] + ["source_only"]:
+        metrics = json.loads((repo / "reports" / "augsim" / "metrics" / f"augsim_{name}.json").read_text())
+        assert 0.0 <= metrics["mAP"] <= 100.0 and metrics["num_images"] == 4
+        assert metrics["data"] == "data/foggy_augsim/target_test"
+    for mode in modes:
+        summary = json.loads((repo / "reports" / "augsim" / "adapt" / f"{mode}_s0" / "summary.json").read_text())
+        assert summary["fg_mode"] == "pairing" and summary["pairing_mode"] == mode and summary["iterations"] == 3
+    results = json.loads((repo / "reports" / "augsim" / "results.json").read_text())
+    assert all(results[m]["n"] == 1 and results[m]["seeds"] == [0] for m in modes)
+    assert results["source_only"] is not None
+    assert "Missing" not in (repo / "reports" / "augsim" / "table.md").read_text()
+    assert (repo / "reports" / "augsim" / "bar.png").stat().st_size > 0
+
+
+@pytest.mark.e2e
 def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_repo):
     repo, env = tiny_repo
     status = _run([str(BIN / "dvc"), "status", "--json"], repo, env)
@@ -100,10 +124,12 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
         finally:
             (repo / "params.yaml").write_text(original)
 
-    assert changed_after("pretrain", "lr", 0.005) == {"pretrain"}
+    assert changed_after("pretrain", "lr", 0.005) == {"pretrain", "pretrain_augsim"}  # the same recipe
     assert changed_after("oracle", "lr", 0.005) == {"oracle"}
-    assert changed_after("subsample", "fg_ratio", 0.7) == {"subsample"}
+    assert changed_after("subsample", "fg_ratio", 0.7) == {"subsample", "subsample_augsim"}
     assert changed_after("adapt_vspa", "lambda_fg", 0.1) == {"adapt@vspa"}
+    assert changed_after("adapt_pairing_flip", "pairing_mode", "exact") == {"adapt_pairing@flip_s0"}
+    assert changed_after("augsim", "fog_beta", 0.05) == {"augsim"}
     assert changed_after("translate", "lambda_ga", 0.5) == {f"translate_train@{v}" for v in ("cut", "attention", "attention_lg")}
     changed = changed_after("evaluate", "iou", 0.6)
-    assert changed and all(name.startswith("evaluate@") for name in changed), changed
+    assert changed and all(name.split("@")[0] in ("evaluate", "evaluate_augsim") for name in changed), changed

@@ -16,6 +16,9 @@ loss (:func:`vspa.adaptation.losses.cosine_triplet_loss`):
   in-batch source background.
 - ``prototype``: ``p`` = the class prototype (normalised mean of the class's normalised memory entries);
   ``n`` = the prototype of a random other class, or a random background-memory entry with one class.
+- ``pairing``: ``p`` = the source version of the same object with controlled appearance differences (the
+  AugSim -> FoggyAugSim experiment); built by :func:`vspa.adaptation.pairing.pairing_triplets` from a
+  :class:`~vspa.adaptation.pairing.PairingBank`, which the trainer holds; ``n`` as in ``memory``.
 - ``off``: no foreground loss.
 
 Background (``bg_mode``): ``memory`` pairs each target background embedding with its most similar
@@ -39,7 +42,7 @@ from vspa.memory.retrieval import Retriever
 from vspa.memory.store import MemoryBank
 from vspa.utils import VspaError
 
-FG_MODES = ("memory", "inbatch_c2c", "inbatch_agnostic", "prototype", "off")
+FG_MODES = ("memory", "inbatch_c2c", "inbatch_agnostic", "prototype", "pairing", "off")
 BG_MODES = ("memory", "off")
 
 
@@ -202,6 +205,8 @@ class ForegroundAligner:
             return prototype_triplets(self.prototypes, retriever, anchors, labels, generator)
         if self.needs_source_instances:
             return inbatch_triplets(source, anchors, labels, generator, class_aware=self.fg_mode == "inbatch_c2c")
+        if self.fg_mode == "pairing":
+            raise ValueError("fg_mode 'pairing' builds its triplets with vspa.adaptation.pairing.pairing_triplets")
         raise ValueError("fg_mode 'off' builds no triplets")
 
     def loss(self, triplets: Triplets) -> torch.Tensor:

@@ -29,6 +29,19 @@ domains apart by the augmentation alone. It costs one more student backbone pass
 detector receives ``-lambda`` times the gradient of the discriminator's loss; by default
 (``disc_full_rate``) the discriminators themselves learn at the full learning rate (see
 :meth:`StudentStep._adversarial_weights`).
+
+Controlled pairs (``fg_mode: pairing``, the visual-similarity experiment of paper 3.2 with AugSim as the
+source and FoggyAugSim as the target; :mod:`vspa.adaptation.pairing`). The positive of a target instance is
+not retrieved but the source version of the same object whose appearance differs in exactly the attributes
+``pairing_mode`` names (``exact``: none, ``color``, ``flip``, ``color_flip``). Before training, a
+:class:`~vspa.adaptation.pairing.PairingBank` of those counterparts is embedded with the student (the pair
+table comes from ``pairing_original``, ``pairing_variants`` and the target split); it is embedded again at
+every memory refresh with the refresh model and is part of the resumable state. The anchors are the same
+target instances as in ``fg_mode: memory`` (detections with score >= ``tau``); each is matched to a
+ground-truth object of its (weak-view) target image by IoU >= 0.5, so this mode reads the target's boxes and
+object ids (never its labels), and anchors matching no object are dropped. The weak view's mirror flag
+selects the counterpart of the mirrored object. Negatives are drawn from the usual memory as in
+``fg_mode: memory``, so the mode needs the memory file.
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ from tqdm import tqdm
 
 from vspa.adaptation.align import BG_MODES, FG_MODES, ForegroundAligner, SourceInstances, background_loss
 from vspa.adaptation.losses import FeatureDiscriminator, ImageDiscriminator, adversarial_loss
+from vspa.adaptation.pairing import PAIRING_MODES, PairingBank, PairTable, anchor_object_ids, pairing_triplets
 from vspa.adaptation.pseudo import filter_pseudo_labels
 from vspa.adaptation.teacher import ema_update, make_teacher, teacher_detect
 from vspa.detection import distributed
@@ -112,7 +126,7 @@ class AdaptConfig:
     lambda_img: float = 0.1
     lambda_fg: float = 0.05
     lambda_bg: float = 0.05
-    fg_mode: str = "memory"  # memory | inbatch_c2c | inbatch_agnostic | prototype | off
+    fg_mode: str = "memory"  # memory | inbatch_c2c | inbatch_agnostic | prototype | pairing | off
     bg_mode: str = "memory"  # memory | off
     fg_boxes: str = "teacher"  # whose detections (score >= tau) give the target instances: teacher | student
     top_k: int = 1
@@ -124,6 +138,10 @@ class AdaptConfig:
     refresh_every: int = 0  # 0: never refresh the memory
     refresh_model: str = "student"  # student | teacher
     checkpoint_every: int = 50
+    # fg_mode pairing only (the AugSim -> FoggyAugSim experiment; see vspa.adaptation.pairing)
+    pairing_mode: str = "exact"  # exact | color | flip | color_flip: what a target object's positive differs in
+    pairing_original: str = ""  # the original source split folder (every object as it is, variant "none")
+    pairing_variants: str = ""  # the folder of the variant sets color/, flip/, color_flip/ (stage augsim)
 
     @classmethod
     def from_params(cls, section: dict, name: str = "adapt", path: str = "params.yaml") -> "AdaptConfig":
@@ -171,10 +189,18 @@ class AdaptConfig:
             (self.refresh_every >= 0, "refresh_every must be >= 0 (0 = never)"),
             (self.refresh_model in REFRESH_MODELS, f"refresh_model must be one of {', '.join(REFRESH_MODELS)}"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.pairing_mode in PAIRING_MODES, f"pairing_mode must be one of {', '.join(PAIRING_MODES)}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise VspaError(f"{path}: {name}.{message}.")
+        if self.use_pairing:
+            for key, what in PAIRING_FOLDERS.items():
+                if not getattr(self, key):
+                    raise VspaError(
+                        f"{path}: {name}.{key} is not set, but fg_mode pairing needs it: {what}. Set it (e.g. "
+                        f"{PAIRING_EXAMPLES[key]}, written by `dvc repro augsim`) or choose another fg_mode."
+                    )
 
     @property
     def use_fg(self) -> bool:
@@ -189,8 +215,20 @@ class AdaptConfig:
         return self.lambda_img > 0
 
     @property
-    def needs_memory(self) -> bool:
-        return (self.use_fg and self.fg_mode in ("memory", "prototype")) or self.use_bg
+    def use_pairing(self) -> bool:
+        return self.use_fg and self.fg_mode == "pairing"
+
+    @property
+    def needs_memory(self) -> bool:  # pairing: the negatives come from the memory
+        return (self.use_fg and self.fg_mode in ("memory", "prototype", "pairing")) or self.use_bg
+
+    def record(self) -> dict:
+        """The configuration as a plain dict; the ``pairing_*`` keys only with ``fg_mode: pairing`` (so the
+        records and resume fingerprints of the other modes are what they were before that mode existed)."""
+        out = dataclasses.asdict(self)
+        if self.fg_mode != "pairing":
+            out = {k: v for k, v in out.items() if not k.startswith("pairing_")}
+        return out
 
     def lr_factor(self, iteration: int) -> float:
         """Constant learning rate after a linear warm-up (the paper: no decay)."""
@@ -198,6 +236,13 @@ class AdaptConfig:
             alpha = iteration / self.warmup_iters
             return WARMUP_FACTOR * (1 - alpha) + alpha
         return 1.0
+
+
+PAIRING_FOLDERS = {
+    "pairing_original": "the original source split (each object as it is; the split AugSim was made from)",
+    "pairing_variants": "the folder holding the variant sets color/, flip/ and color_flip/ of that split",
+}
+PAIRING_EXAMPLES = {"pairing_original": "data/benchmark/source_train", "pairing_variants": "data/augsim/pairing"}
 
 
 @dataclass
@@ -208,6 +253,27 @@ class AdaptData:
     target: Any  # DetectionDataset of the unlabelled target split (its labels are never read)
     memory_path: Path | None  # the (subsampled) memory file; None when no memory loss is on
     fingerprint: dict  # what identifies the inputs (hashes), for resuming
+    pairing_table: PairTable | None = None  # fg_mode pairing: the target objects' counterparts (build_pairing_table)
+
+
+def build_pairing_table(
+    cfg: AdaptConfig, target_dir: str | Path, name: str = "adapt", path: str = "params.yaml"
+) -> PairTable:
+    """The pair table of ``fg_mode: pairing`` from ``cfg.pairing_original``, ``cfg.pairing_variants`` and the
+    target split folder; a missing folder raises ``VspaError`` naming the param and the fix."""
+    for key, what in PAIRING_FOLDERS.items():
+        folder = Path(getattr(cfg, key))
+        if not getattr(cfg, key) or not folder.is_dir():
+            raise VspaError(
+                f"{path}: {name}.{key} = '{getattr(cfg, key)}' is not a folder; it must name {what} "
+                f"(e.g. {PAIRING_EXAMPLES[key]}). Run `dvc repro augsim` or fix the path."
+            )
+    return PairTable.build(cfg.pairing_original, cfg.pairing_variants, target_dir)
+
+
+def pairing_fingerprint(table: PairTable) -> dict:
+    """Hashes of the pairing sets' annotation files (part of the resume fingerprint in ``fg_mode: pairing``)."""
+    return {variant: sha256_file(folder / "annotations.json") for variant, folder in sorted(table.split_dirs.items())}
 
 
 @contextmanager
@@ -255,6 +321,7 @@ class StudentStep(nn.Module):
         self.bg_disc = FeatureDiscriminator(detector.embed_dim) if cfg.use_bg else None
         self.aligner = ForegroundAligner(cfg.fg_mode, cfg.top_k, cfg.margin)
         self.retriever: Retriever | None = None
+        self.pairing_bank: PairingBank | None = None  # fg_mode pairing: the counterparts' features
 
     def forward(
         self,
@@ -264,10 +331,12 @@ class StudentStep(nn.Module):
         tgt_strong: list[torch.Tensor],
         pseudo: list[dict],
         generator: torch.Generator,
+        pair_targets: list[dict] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every loss of one iteration. ``src_images``: the weak source views, then (``source_strong``) their
         strong views; ``pseudo``: the teacher's pseudo-labels of the target images (weak-view coordinates,
-        which the photometric strong view shares)."""
+        which the photometric strong view shares); ``pair_targets`` (``fg_mode: pairing`` only): the target
+        images' weak-view ``boxes``, ``object_ids`` and ``flipped`` flag."""
         cfg, det = self.cfg, self.detector
         out: dict[str, torch.Tensor] = {}
         times: list[float] = []
@@ -311,7 +380,10 @@ class StudentStep(nn.Module):
                 source = None
                 if cfg.use_fg and self.aligner.needs_source_instances:
                     source = self._source_instances(src_list, src_feats, src_t, n_weak)
-                out.update(self._alignment_losses(al_list, al_feats, al_t, source, generator))
+                pairing = None
+                if cfg.use_pairing:
+                    pairing = (pair_targets, [tuple(im.shape[-2:]) for im in tgt_weak])
+                out.update(self._alignment_losses(al_list, al_feats, al_t, source, generator, pairing))
             bg_weight = self._adversarial_weights(cfg.lambda_bg)[0]
             total = total + cfg.lambda_fg * out["loss_fg"] + bg_weight * out["loss_bg"]
         out["time_align"] = total.new_tensor(times[0] if times else 0.0)
@@ -328,9 +400,12 @@ class StudentStep(nn.Module):
         """
         return (1.0, lam) if self.cfg.disc_full_rate else (lam, 1.0)
 
-    def _alignment_losses(self, tgt_list, tgt_feats, tgt_t, source: SourceInstances | None, generator) -> dict:
+    def _alignment_losses(
+        self, tgt_list, tgt_feats, tgt_t, source: SourceInstances | None, generator, pairing=None
+    ) -> dict:
         """Foreground triplet loss (with the number of triplets) and background adversarial loss, on the
-        student's map ``tgt_feats`` of the target images."""
+        student's map ``tgt_feats`` of the target images. ``pairing`` (``fg_mode: pairing``): ``(pair_targets,
+        original_sizes)``, the target images' weak-view ground truth and their sizes before resizing."""
         cfg, det = self.cfg, self.detector
         if cfg.fg_boxes == "student":
             dets = student_detections(det, tgt_list, tgt_feats)
@@ -342,7 +417,10 @@ class StudentStep(nn.Module):
         out = {}
         if cfg.use_fg:
             anchors = det.embed(det.pool(tgt_feats, boxes, tgt_list.image_sizes))
-            triplets = self.aligner.triplets(anchors, labels, generator, self.retriever, source)
+            if cfg.fg_mode == "pairing":
+                triplets = self._pairing_triplets(anchors, labels, boxes, tgt_list.image_sizes, pairing, generator)
+            else:
+                triplets = self.aligner.triplets(anchors, labels, generator, self.retriever, source)
             out["loss_fg"] = self.aligner.loss(triplets) if len(triplets.anchor) else anchors.sum() * 0.0
             out["fg_pairs"] = anchors.new_tensor(float(len(triplets.anchor)))
         if cfg.use_bg:
@@ -351,6 +429,14 @@ class StudentStep(nn.Module):
                 self.bg_disc, self.retriever, target_bg, self._adversarial_weights(cfg.lambda_bg)[1]
             )
         return out
+
+    def _pairing_triplets(self, anchors, labels, boxes, image_sizes, pairing, generator):
+        """``fg_mode: pairing``: match the anchors to the target objects, pair each with its counterpart."""
+        if self.pairing_bank is None or pairing is None or pairing[0] is None:
+            raise RuntimeError("fg_mode pairing: the trainer sets pairing_bank and passes pair_targets")
+        pair_targets, original_sizes = pairing
+        object_ids, mirrored = anchor_object_ids(boxes, pair_targets, original_sizes, list(image_sizes))
+        return pairing_triplets(self.pairing_bank, self.retriever, anchors, labels, object_ids, mirrored, generator)
 
     def _source_instances(self, src_list, src_feats: dict, src_t: list[dict], n: int) -> SourceInstances:
         """In-batch source instances (ground-truth boxes of the ``n`` weak views) and backgrounds, detached."""
@@ -364,10 +450,12 @@ class StudentStep(nn.Module):
 
 
 def _views(dataset, indices: list[int], positions: range, seed: int, iteration: int, stream: int, device):
-    """Weak views (and their targets) and strong views of the items of one process's share of a batch."""
+    """Weak views (and their targets) and strong views of the items of one process's share of a batch, and
+    the weak views' pairing ground truth (``boxes``, ``object_ids``, ``flipped``; on the CPU, read only by
+    ``fg_mode: pairing``)."""
     from vspa.data import transforms
 
-    weak, strong, targets = [], [], []
+    weak, strong, targets, pairs = [], [], [], []
     for position in positions:
         image, target = dataset[indices[position]]
         g = torch.Generator().manual_seed(derive_seed(seed, iteration, position, stream))
@@ -375,19 +463,23 @@ def _views(dataset, indices: list[int], positions: range, seed: int, iteration: 
         weak.append(image.to(device))
         strong.append(transforms.strong(image, g).to(device))
         targets.append({"boxes": target["boxes"].to(device), "labels": target["labels"].to(device)})
-    return weak, strong, targets
+        pairs.append({"boxes": target["boxes"], "object_ids": target["object_ids"], "flipped": bool(target["flipped"])})
+    return weak, strong, targets, pairs
 
 
 def _batch(data: AdaptData, cfg: AdaptConfig, iteration: int, positions: range, device):
     """This process's share of iteration ``iteration``'s batches: source images (weak views, then the strong
-    views when ``source_strong``) with their targets, and the weak and strong target views."""
+    views when ``source_strong``) with their targets, the weak and strong target views, and the target weak
+    views' pairing ground truth (boxes, object ids, mirror flag; used only by ``fg_mode: pairing``)."""
     src_idx = global_batch(len(data.source), cfg.batch_size, derive_seed(cfg.seed, _SRC_ORDER), iteration)
     tgt_idx = global_batch(len(data.target), cfg.batch_size, derive_seed(cfg.seed, _TGT_ORDER), iteration)
-    src_weak, src_strong, src_targets = _views(data.source, src_idx, positions, cfg.seed, iteration, _SRC_AUG, device)
-    tgt_weak, tgt_strong, _ = _views(data.target, tgt_idx, positions, cfg.seed, iteration, _TGT_AUG, device)
+    src_weak, src_strong, src_targets, _ = _views(
+        data.source, src_idx, positions, cfg.seed, iteration, _SRC_AUG, device
+    )
+    tgt_weak, tgt_strong, _, tgt_pairs = _views(data.target, tgt_idx, positions, cfg.seed, iteration, _TGT_AUG, device)
     if cfg.source_strong:
-        return src_weak + src_strong, src_targets + src_targets, tgt_weak, tgt_strong
-    return src_weak, src_targets, tgt_weak, tgt_strong
+        return src_weak + src_strong, src_targets + src_targets, tgt_weak, tgt_strong, tgt_pairs
+    return src_weak, src_targets, tgt_weak, tgt_strong, tgt_pairs
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -484,8 +576,8 @@ def adapt(
     """Adapt ``student`` (the source detector; trained in place) and return ``(teacher, summary)``.
 
     ``work_dir/last.pt`` holds the resumable state (student, teacher, optimizer with the discriminators,
-    memory, RNG, iteration, log rows), written atomically every ``checkpoint_every`` iterations and at the
-    end; a call with the same configuration and inputs resumes from it. Refreshed memories are written to
+    memory, pairing bank, RNG, iteration, log rows), written atomically every ``checkpoint_every`` iterations
+    and at the end; a call with the same configuration and inputs resumes from it. Refreshed memories are written to
     ``work_dir/memory_refresh.h5``. ``summary`` holds the mean timings and counts; rank 0 writes the CSV.
     """
     world_size = distributed.env_world_size()
@@ -509,6 +601,8 @@ def adapt(
         )
     if cfg.needs_memory and data.memory_path is None:
         raise VspaError("adapt: fg_mode/bg_mode use the memory but no memory file was given (--memory PATH).")
+    if cfg.use_pairing and data.pairing_table is None:
+        raise VspaError("adapt: fg_mode pairing needs the pair table (AdaptData.pairing_table; build_pairing_table).")
 
     ctx = distributed.setup(cfg.device)
     device = ctx.device
@@ -522,11 +616,14 @@ def adapt(
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
+    inputs = data.fingerprint
+    if cfg.use_pairing:
+        inputs = {**inputs, "pairing": pairing_fingerprint(data.pairing_table)}
     fingerprint = sha256_json(
         {
-            "adapt": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "checkpoint_every")},
+            "adapt": {k: v for k, v in cfg.record().items() if k not in ("device", "checkpoint_every")},
             "model": student.cfg.to_dict(),
-            "inputs": data.fingerprint,
+            "inputs": inputs,
         }
     )
 
@@ -552,6 +649,16 @@ def adapt(
         start, rows, refresh_seconds = int(state["iteration"]), list(state["rows"]), list(state["refresh_seconds"])
         if ctx.is_main:
             print(f"[adapt] resuming from {state_path} at iteration {start}/{cfg.iterations}", file=sys.stderr)
+
+    pair_bank: PairingBank | None = None
+    if cfg.use_pairing:
+        if state is not None and state.get("pairing") is not None:
+            pair_bank = PairingBank.from_state(state["pairing"])  # the bank of the last refresh
+        else:  # every process embeds the same counterparts with the same weights (eval mode, no random draw)
+            pair_bank = PairingBank.extract(
+                student, data.pairing_table, cfg.pairing_mode, progress=progress and ctx.is_main
+            )
+        step_module.pairing_bank = pair_bank
 
     def use_memory(new_bank: MemoryBank | None) -> None:
         step_module.retriever = Retriever(new_bank, device) if new_bank is not None else None
@@ -579,6 +686,7 @@ def adapt(
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "memory": _bank_state(bank) if bank is not None and bank.path != data.memory_path else None,
+                    "pairing": pair_bank.state_dict() if pair_bank is not None else None,
                     "rng": rng_state(),
                     "rows": rows,
                     "refresh_seconds": refresh_seconds,
@@ -601,14 +709,17 @@ def adapt(
     for it in bar:
         t_iter: list[float] = []
         with _timer(device, t_iter):
-            src_images, src_targets, tgt_weak, tgt_strong = _batch(data, cfg, it, positions, device)
+            src_images, src_targets, tgt_weak, tgt_strong, tgt_pairs = _batch(data, cfg, it, positions, device)
             pseudo = filter_pseudo_labels(teacher_detect(teacher, tgt_weak), cfg.tau)
             pseudo_targets = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
 
             torch.manual_seed(derive_seed(cfg.seed, it, ctx.rank, _SAMPLER))
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, it, ctx.rank, _ALIGN))
             lr = optimizer.param_groups[0]["lr"]
-            losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator)
+            if cfg.use_pairing:
+                losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator, tgt_pairs)
+            else:
+                losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator)
             losses["pseudo_per_image"] = losses["total"].new_tensor(
                 sum(len(p["labels"]) for p in pseudo) / len(pseudo)
             )
@@ -647,6 +758,11 @@ def adapt(
             distributed.barrier(ctx)
             bank = open_memory(refresh_path, expected_dim=student.embed_dim)
             use_memory(bank)
+            if pair_bank is not None:  # the counterparts embedded by the same model as the memory
+                pair_bank = PairingBank.extract(
+                    source_model, data.pairing_table, cfg.pairing_mode, progress=progress and ctx.is_main
+                )
+                step_module.pairing_bank = pair_bank
             refresh_seconds.append(time.perf_counter() - refresh_start)
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             checkpoint(done)
@@ -680,6 +796,7 @@ def summarize(rows: list[dict], refresh_seconds: list[float], cfg: AdaptConfig) 
         "fg_mode": cfg.fg_mode,
         "bg_mode": cfg.bg_mode,
         "timed_iterations": len(timed),
+        **({"pairing_mode": cfg.pairing_mode} if cfg.fg_mode == "pairing" else {}),
     }
 
 
