@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY_SIZES = {"source_train": 6, "source_test": 4, "target_train": 6, "target_test": 4}
 TINY_HEIGHT, TINY_WIDTH = 96, 192
@@ -19,3 +20,24 @@ def tiny_benchmark(tmp_path_factory) -> Path:
     generate_benchmark(out, "synth_fog", TINY_SIZES, seed=0, height=TINY_HEIGHT, width=TINY_WIDTH, fog_beta=0.04,
                        fog_airlight=0.8, workers=1, progress=False)
     return out
+
+
+class Killed(Exception):
+    """Raised by :class:`DiesAfter`: stands for a process killed mid-run (resume tests)."""
+
+
+class DiesAfter(torch.utils.data.Dataset):
+    """The dataset, but the ``calls``-th fetch raises :class:`Killed` (like a process killed mid-run)."""
+
+    def __init__(self, dataset, calls: int):
+        self.dataset, self.left = dataset, calls
+        self.class_names = dataset.class_names
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.left -= 1
+        if self.left < 0:
+            raise Killed
+        return self.dataset[i]

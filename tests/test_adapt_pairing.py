@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DiesAfter, Killed
 
 from vspa.adaptation import trainer as trainer_module
 from vspa.adaptation.pairing import PairingBank, differing_attributes
@@ -185,25 +186,6 @@ def test_positives_are_the_bank_entries_of_the_promised_counterpart(pairing_inpu
     assert float(row["fg_pairs"]) == int(found.sum()) and math.isfinite(float(row["loss_fg"]))
 
 
-class Killed(Exception):
-    pass
-
-
-class DiesAfter(torch.utils.data.Dataset):
-    """The dataset, but the ``calls``-th fetch raises (like a process killed mid-run)."""
-
-    def __init__(self, dataset, calls: int):
-        self.dataset, self.left = dataset, calls
-        self.class_names = dataset.class_names
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        self.left -= 1
-        if self.left < 0:
-            raise Killed
-        return self.dataset[i]
 
 
 def test_resume_restores_the_refreshed_pairing_bank(pairing_inputs, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DiesAfter, Killed
 
 from vspa.adaptation.align import (
     ForegroundAligner,
@@ -207,25 +208,6 @@ def tiny_inputs(tiny_benchmark, tmp_path_factory):
     return {"root": root, "bench": tiny_benchmark, "model": root / "source.pt", "memory": root / "memory.h5"}
 
 
-class Killed(Exception):
-    pass
-
-
-class DiesAfter(torch.utils.data.Dataset):
-    """The dataset, but the ``calls``-th fetch raises (like a process killed mid-run)."""
-
-    def __init__(self, dataset, calls: int):
-        self.dataset, self.left = dataset, calls
-        self.class_names = dataset.class_names
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        self.left -= 1
-        if self.left < 0:
-            raise Killed
-        return self.dataset[i]
 
 
 def run_adapt(inputs, work: Path, target=None, **over):

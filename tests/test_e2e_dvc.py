@@ -93,16 +93,18 @@ def test_repro_runs_the_augsim_experiment(tiny_repo):
     stages = set(yaml.safe_load((repo / "dvc.lock").read_text())["stages"])
     modes = ("exact", "color", "flip", "color_flip")
     assert {"augsim", "pretrain_augsim", "extract_memory_augsim", "subsample_augsim", "augsim_report"} <= stages
-    assert {f"adapt_pairing@{m}_s0" for m in modes} | {"evaluate_augsim@source_only"} <= stages
-    for name in [f"{m}_s0" for m in modes] + ["source_only"]:
+    runs = [f"{m}_s{k}" for m in modes for k in (0, 1)]  # two adaptation seeds per mode
+    assert {f"adapt_pairing@{r}" for r in runs} | {"evaluate_augsim@source_only"} <= stages
+    for name in runs + ["source_only"]:
         metrics = json.loads((repo / "reports" / "augsim" / "metrics" / f"augsim_{name}.json").read_text())
         assert 0.0 <= metrics["mAP"] <= 100.0 and metrics["num_images"] == 4
         assert metrics["data"] == "data/foggy_augsim/target_test"
-    for mode in modes:
-        summary = json.loads((repo / "reports" / "augsim" / "adapt" / f"{mode}_s0" / "summary.json").read_text())
+    for run in runs:
+        mode = run.rsplit("_s", 1)[0]
+        summary = json.loads((repo / "reports" / "augsim" / "adapt" / run / "summary.json").read_text())
         assert summary["fg_mode"] == "pairing" and summary["pairing_mode"] == mode and summary["iterations"] == 3
     results = json.loads((repo / "reports" / "augsim" / "results.json").read_text())
-    assert all(results[m]["n"] == 1 and results[m]["seeds"] == [0] for m in modes)
+    assert all(results[m]["n"] == 2 and results[m]["seeds"] == [0, 1] for m in modes)
     assert results["source_only"] is not None
     assert "Missing" not in (repo / "reports" / "augsim" / "table.md").read_text()
     assert (repo / "reports" / "augsim" / "bar.png").stat().st_size > 0
@@ -128,7 +130,7 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     assert changed_after("oracle", "lr", 0.005) == {"oracle"}
     assert changed_after("subsample", "fg_ratio", 0.7) == {"subsample", "subsample_augsim"}
     assert changed_after("adapt_vspa", "lambda_fg", 0.1) == {"adapt@vspa"}
-    assert changed_after("adapt_pairing_flip", "pairing_mode", "exact") == {"adapt_pairing@flip_s0"}
+    assert changed_after("adapt_pairing_flip", "pairing_mode", "exact") == {"adapt_pairing@flip_s0", "adapt_pairing@flip_s1"}
     assert changed_after("augsim", "fog_beta", 0.05) == {"augsim"}
     assert changed_after("translate", "lambda_ga", 0.5) == {f"translate_train@{v}" for v in ("cut", "attention", "attention_lg")}
     changed = changed_after("evaluate", "iou", 0.6)
