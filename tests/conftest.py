@@ -41,3 +41,24 @@ class DiesAfter(torch.utils.data.Dataset):
         if self.left < 0:
             raise Killed
         return self.dataset[i]
+
+
+def untrained_source_and_memory(source_json: Path, root: Path, model: dict, method: str, ratio: float) -> dict:
+    """An untrained detector (``model``: DetectorConfig keys, torch seed 0) saved as ``root/source.pt``, and
+    the memory of the split ``source_json`` subsampled with ``method`` / ``ratio`` as ``root/memory.h5``."""
+    from vspa.coreset.kcenter import subsample_memory
+    from vspa.data.coco import DetectionDataset
+    from vspa.detection import checkpoint
+    from vspa.detection.model import DetectorConfig, build_detector
+    from vspa.memory.extract import extract_memory
+    from vspa.memory.store import open_memory, write_memory
+
+    source = DetectionDataset(source_json)
+    cfg = DetectorConfig(**model)
+    torch.manual_seed(0)
+    det = build_detector(cfg, source.num_classes)
+    checkpoint.save(root / "source.pt", det, cfg, source.class_names)
+    extract_memory(det, source, root / "full.h5", progress=False)
+    subset, _ = subsample_memory(open_memory(root / "full.h5"), method=method, fg_ratio=ratio, bg_ratio=ratio)
+    write_memory(root / "memory.h5", subset)
+    return {"model": root / "source.pt", "memory": root / "memory.h5"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DiesAfter, Killed
+from conftest import DiesAfter, Killed, untrained_source_and_memory
 
 from vspa.adaptation import trainer as trainer_module
 from vspa.adaptation.pairing import PairingBank, differing_attributes
@@ -29,13 +29,7 @@ NAMED = {"exact": set(), "color": {"color"}, "flip": {"flip"}, "color_flip": {"c
 def pairing_inputs(tiny_benchmark, tmp_path_factory):
     """AugSim source (half the images changed), its variant sets, FoggyAugSim target, an untrained tiny
     detector and the memory of the AugSim source."""
-    from vspa.coreset.kcenter import subsample_memory
     from vspa.data.augsim import make_augsim, make_foggy, make_variant_set
-    from vspa.data.coco import DetectionDataset
-    from vspa.detection import checkpoint
-    from vspa.detection.model import DetectorConfig, build_detector
-    from vspa.memory.extract import extract_memory
-    from vspa.memory.store import open_memory, write_memory
 
     root = tmp_path_factory.mktemp("adapt_pairing")
     original = Path(tiny_benchmark) / "source_train"
@@ -43,14 +37,7 @@ def pairing_inputs(tiny_benchmark, tmp_path_factory):
     for variant in ("color", "flip", "color_flip"):
         make_variant_set(original, root / "pairing" / variant, variant)
     make_foggy(root / "augsim", root / "foggy", beta=0.04, airlight=0.8)
-    source = DetectionDataset(root / "augsim" / "annotations.json")
-    cfg = DetectorConfig(**TINY_MODEL)
-    torch.manual_seed(0)
-    det = build_detector(cfg, source.num_classes)
-    checkpoint.save(root / "source.pt", det, cfg, source.class_names)
-    extract_memory(det, source, root / "full.h5", progress=False)
-    subset, _ = subsample_memory(open_memory(root / "full.h5"), method="random", fg_ratio=1.0, bg_ratio=1.0)
-    write_memory(root / "memory.h5", subset)
+    untrained_source_and_memory(root / "augsim" / "annotations.json", root, TINY_MODEL, "random", 1.0)
     return {"root": root, "original": original, "variants": root / "pairing", "source": root / "augsim",
             "target": root / "foggy", "model": root / "source.pt", "memory": root / "memory.h5"}
 

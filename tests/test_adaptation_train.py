@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DiesAfter, Killed
+from conftest import DiesAfter, Killed, untrained_source_and_memory
 
 from vspa.adaptation.align import (
     ForegroundAligner,
@@ -189,25 +189,9 @@ def test_config_defaults_errors_and_override_section():
 @pytest.fixture(scope="module")
 def tiny_inputs(tiny_benchmark, tmp_path_factory):
     """An untrained tiny source detector, its memory (coreset-subsampled) and the datasets."""
-    from vspa.coreset.kcenter import subsample_memory
-    from vspa.data.coco import DetectionDataset
-    from vspa.detection import checkpoint
-    from vspa.detection.model import DetectorConfig, build_detector
-    from vspa.memory.extract import extract_memory
-    from vspa.memory.store import open_memory, write_memory
-
     root = tmp_path_factory.mktemp("adapt_inputs")
-    src = DetectionDataset(tiny_benchmark / "source_train" / "annotations.json")
-    cfg = DetectorConfig(**TINY_MODEL)
-    torch.manual_seed(0)
-    det = build_detector(cfg, src.num_classes)
-    checkpoint.save(root / "source.pt", det, cfg, src.class_names)
-    extract_memory(det, src, root / "full.h5", progress=False)
-    subset, _ = subsample_memory(open_memory(root / "full.h5"), method="coreset", fg_ratio=0.5, bg_ratio=0.5)
-    write_memory(root / "memory.h5", subset)
+    untrained_source_and_memory(tiny_benchmark / "source_train" / "annotations.json", root, TINY_MODEL, "coreset", 0.5)
     return {"root": root, "bench": tiny_benchmark, "model": root / "source.pt", "memory": root / "memory.h5"}
-
-
 
 
 def run_adapt(inputs, work: Path, target=None, **over):
