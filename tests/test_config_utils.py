@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from vspa.config import available_scenarios, effective_params, stage_config
-from vspa.utils import VspaError, atomic_path, write_json_atomic
+from vspa.utils import VspaError, atomic_path, save_torch_atomic, write_json_atomic
 
 
 def test_null_takes_the_preset_value_and_a_given_value_wins():
@@ -58,3 +58,16 @@ def test_atomic_output_gets_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_saving_the_same_checkpoint_twice_gives_the_same_bytes(tmp_path):
+    # DVC hashes the file: identical weights must give an identical file, whatever the temp file was called.
+    import torch
+
+    state = {"weights": torch.arange(12.0).reshape(3, 4), "meta": {"stage": "pretrain"}}
+    save_torch_atomic(state, tmp_path / "a.pt")
+    save_torch_atomic(state, tmp_path / "b" / "model.pt")
+    save_torch_atomic(state, tmp_path / "a.pt")  # over an existing file
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "a.pt")["weights"], state["weights"])
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind

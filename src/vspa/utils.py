@@ -60,8 +60,11 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 2) -> Non
 def save_torch_atomic(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
-    with atomic_path(path, suffix=".pt.tmp") as tmp:
-        torch.save(obj, tmp)
+    # Through a file object: torch.save then names the archive's root folder "archive"; given a path it would
+    # use the random temp file's name, and two saves of the same weights would differ in their bytes (and DVC
+    # would see a changed model where nothing changed).
+    with atomic_path(path, suffix=".pt.tmp") as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
 
 
 # --------------------------------------------------------------------------- params
