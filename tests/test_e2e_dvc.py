@@ -61,6 +61,7 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, dict]:
     _run(["git", "config", "user.email", "ci@example.com"], repo, env)
     _run(["git", "config", "user.name", "ci"], repo, env)
     _run([str(BIN / "dvc"), "init", "-q"], repo, env)
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     _run([str(BIN / "dvc"), "repro"], repo, env)
     return repo, env
 
@@ -135,3 +136,25 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     assert changed_after("translate", "lambda_ga", 0.5) == {f"translate_train@{v}" for v in ("cut", "attention", "attention_lg")}
     changed = changed_after("evaluate", "iou", 0.6)
     assert changed and all(name.split("@")[0] in ("evaluate", "evaluate_augsim") for name in changed), changed
+
+    # Byte-code caches next to the sources (written on import unless PYTHONDONTWRITEBYTECODE is set) are
+    # not part of a code dependency's hash.
+    cache = repo / "src/vspa/adaptation/__pycache__"
+    cache.mkdir(exist_ok=True)
+    (cache / "trainer.cpython-311.pyc").write_bytes(b"\x00" * 16)
+    try:
+        assert json.loads(_run([str(BIN / "dvc"), "status", "--json"], repo, env).stdout or "{}") == {}
+    finally:
+        shutil.rmtree(cache)
+
+    # The scenario presets fill every null param: editing one must rerun the stages that read them (the
+    # adaptation runs included), and nothing else.
+    preset = repo / "src/vspa/presets/synth_fog.yaml"
+    text = preset.read_text()
+    preset.write_text(text + "\n# edited\n")
+    try:
+        changed = set(json.loads(_run([str(BIN / "dvc"), "status", "--json"], repo, env).stdout))
+    finally:
+        preset.write_text(text)
+    pairing = {f"adapt_pairing@{m}_s{s}" for m in ("exact", "color", "flip", "color_flip") for s in (0, 1)}
+    assert changed == {"prepare", "pretrain", "oracle", "pretrain_augsim", "adapt@at_like", "adapt@vspa", *pairing}
