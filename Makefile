@@ -31,7 +31,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# Every row of the comparison table with 3 training seeds: reports/bench/rows/rows.md (slow: ~1 h on 2 cores).
+# Every row of the comparison table with 3 training seeds: reports/bench/rows/rows.md (slow: about 45 min on 2 cores, estimated from the stage times).
 bench: $(STAMP)
 	@test -d .dvc || $(BIN)/dvc init --quiet
 	$(BIN)/dvc repro prepare
