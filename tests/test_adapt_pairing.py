@@ -173,8 +173,6 @@ def test_positives_are_the_bank_entries_of_the_promised_counterpart(pairing_inpu
     assert float(row["fg_pairs"]) == int(found.sum()) and math.isfinite(float(row["loss_fg"]))
 
 
-
-
 def test_resume_restores_the_refreshed_pairing_bank(pairing_inputs, tmp_path):
     """The bank is re-embedded at the memory refresh, saved in the state, and a killed run resumes to the
     same weights as an uninterrupted one."""

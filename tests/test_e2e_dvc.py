@@ -147,14 +147,18 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     finally:
         shutil.rmtree(cache)
 
+    def changed_after_edit(path: str) -> set[str]:
+        file = repo / path
+        text = file.read_text()
+        file.write_text(text + "\n# edited\n")
+        try:
+            return set(json.loads(_run([str(BIN / "dvc"), "status", "--json"], repo, env).stdout))
+        finally:
+            file.write_text(text)
+
     # The scenario presets fill every null param: editing one must rerun the stages that read them (the
-    # adaptation runs included), and nothing else.
-    preset = repo / "src/vspa/presets/synth_fog.yaml"
-    text = preset.read_text()
-    preset.write_text(text + "\n# edited\n")
-    try:
-        changed = set(json.loads(_run([str(BIN / "dvc"), "status", "--json"], repo, env).stdout))
-    finally:
-        preset.write_text(text)
+    # adaptation runs included), and nothing else. The augmentations are code of every training stage.
     pairing = {f"adapt_pairing@{m}_s{s}" for m in ("exact", "color", "flip", "color_flip") for s in (0, 1)}
-    assert changed == {"prepare", "pretrain", "oracle", "pretrain_augsim", "adapt@at_like", "adapt@vspa", *pairing}
+    training = {"pretrain", "oracle", "pretrain_augsim", "adapt@at_like", "adapt@vspa", *pairing}
+    assert changed_after_edit("src/vspa/presets/synth_fog.yaml") == {"prepare", *training}
+    assert training <= changed_after_edit("src/vspa/data/transforms.py")
