@@ -10,8 +10,11 @@ overrides ``adapt.seed`` (one run per seed without one section per seed).
 and pairs the objects of ``--target`` with them; ``--memory`` gives the negatives.
 
 Writes ``<out>/model.pt`` (the final teacher, a detector checkpoint for the evaluate stage; never chosen on
-target test), ``<log-dir>/losses.csv`` (losses per iteration, for ``dvc plots``) and ``<log-dir>/summary.json``
-(timings per iteration, incl. the alignment + retrieval part, and counts). The resumable training state
+target test), ``<log-dir>/losses.csv`` (losses per iteration, for ``dvc plots``), ``<log-dir>/summary.json``
+(timings per iteration, incl. the alignment + retrieval part, and counts), and the diagnostics of
+:mod:`vspa.adaptation.diagnostics`: ``<log-dir>/diagnostics.json`` (DVC metrics: discriminator accuracies,
+active triplets, gradient shares, pseudo-label precision / recall), ``diagnostics.csv`` and ``grad_shares.csv``
+(DVC plots). The resumable training state
 and any refreshed memory stay in ``<out>/work/``. Multi-process: torchrun --nproc_per_node=N stages/adapt.py.
 """
 
@@ -108,11 +111,15 @@ def main(
                 "selected": "final teacher",
             }
             checkpoint.save(out_dir / "model.pt", teacher, model_cfg, meta["class_names"], extra=extra)
+            diag = summary.pop("diagnostics")
             write_json_atomic(logs / "summary.json", {"name": name, **summary})
+            write_json_atomic(logs / "diagnostics.json", {"name": name, **diag})
             print(
                 f"[adapt:{name}] wrote {out_dir / 'model.pt'}; {summary['sec_per_iter']:.3f} s/iteration "
                 f"(alignment + retrieval {summary['align_sec_per_iter']:.3f} s), "
-                f"{summary['pseudo_labels_per_image']:.2f} pseudo-labels per image",
+                f"{summary['pseudo_labels_per_image']:.2f} pseudo-labels per image; second half: "
+                f"bg discriminator accuracy {diag['second_half']['bg_disc_acc']}, "
+                f"active triplets {diag['second_half']['fg_active']}; gradient shares {diag['grad_share']}",
                 file=sys.stderr,
             )
         distributed.cleanup(ctx)

@@ -20,7 +20,7 @@ from pathlib import Path
 import typer
 
 from vspa.config import stage_config
-from vspa.data import SPLITS
+from vspa.data import OPTIONAL_SPLITS, SPLITS
 from vspa.data.coco import atomic_dir, dataset_sha256, load_coco, write_coco
 from vspa.data.synth import OBJECT_ID_SPLIT_STRIDE, generate_benchmark
 from vspa.utils import VspaError, run_stage, write_json_atomic
@@ -96,7 +96,7 @@ def prepare(params_path: str, out: Path, summary_path: Path, workers: int, progr
             summary = generate_benchmark(
                 tmp,
                 scenario,
-                {split: cfg.get(split) for split in SPLITS},
+                {split: cfg.get(split) for split in SPLITS + OPTIONAL_SPLITS if cfg.get(split)},
                 seed=cfg.get("seed"),
                 height=cfg.get("height"),
                 width=cfg.get("width"),

@@ -144,7 +144,9 @@ def test_background_loss_pairs_with_the_most_similar_memory_entry_and_reverses_g
     target = torch.as_tensor(bank.bg_features[[2, 0]]).clone().requires_grad_(True)
     idx, _ = retriever.topk_background(target, k=1)
     assert idx[:, 0].tolist() == [2, 0]
-    loss = background_loss(disc, retriever, target)
+    loss, disc_loss, accuracy = background_loss(disc, retriever, target)
+    assert torch.equal(loss.detach(), disc_loss)
+    assert 0.0 <= accuracy <= 1.0
     loss.backward()
     assert target.grad.abs().sum() > 0
     # the target's gradient is the reverse of what minimising the discriminator's loss would ask

@@ -19,7 +19,8 @@ BIN = Path(sys.executable).parent
 # stage for real in a few minutes on a 2-core CPU (the AugSim experiment's 14 stages take about as long as
 # the rest). Values are checked for plausibility, not quality.
 TINY = {
-    "prepare": {"height": 96, "width": 192, "source_train": 8, "source_test": 4, "target_train": 8, "target_test": 4},
+    "prepare": {"height": 96, "width": 192, "source_train": 8, "source_test": 4, "target_train": 8, "target_test": 4,
+                "target_val": 4},
     "model": {"min_size": 96, "max_size": 192},
     "pretrain": {"iterations": 4, "batch_size": 2, "warmup_iters": 1, "lr_steps": [3], "checkpoint_every": 2},
     "oracle": {"iterations": 4, "batch_size": 2, "warmup_iters": 1, "lr_steps": [3], "checkpoint_every": 2},
@@ -78,6 +79,14 @@ def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
         assert 0.0 <= metrics["mAP"] <= 100.0
         assert set(metrics["AP"]) == {"car", "person", "truck"}
         assert metrics["num_images"] == 4
+        assert list(metrics)[:4] == ["mAP", "AP", "coco_mAP50", "coco_AP50"]  # both AP50 flavours lead
+        assert set(metrics["coco_AP50"]) == {"car", "person", "truck"}
+    assert (repo / "data" / "benchmark" / "target_val" / "annotations.json").is_file()
+    for run in ("at_like", "vspa"):  # the diagnostics of every adaptation run: metrics and plots
+        diag = json.loads((repo / "reports" / "adapt" / run / "diagnostics.json").read_text())
+        assert diag["grad_samples"] >= 1 and "bg_disc_acc" in diag["second_half"]
+        for plot in ("diagnostics.csv", "grad_shares.csv"):
+            assert (repo / "reports" / "adapt" / run / plot).stat().st_size > 0
     assert (repo / "models" / "source" / "model.pt").stat().st_size > 0
     table = (repo / "reports" / "comparison.md").read_text()
     from vspa.reporting.tables import ROW_DESCRIPTIONS

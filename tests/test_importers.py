@@ -439,3 +439,36 @@ def test_require_pretrained(tmp_path):
     weights.write_bytes(b"x")
     assert require_pretrained({**sim, "pretrained_weights": str(weights)}, "sim10k_cityscapes") == weights
     assert require_pretrained(effective_params({"scenario": "synth_fog"})["model"], "synth_fog") is None
+
+
+@pytest.mark.parametrize("section", ["pretrain", "oracle"])
+def test_training_stage_of_a_real_preset_stops_without_weights(tmp_path, monkeypatch, section):
+    """Before any work: the pretrain / oracle stage of a real-data preset without model.pretrained_weights
+    stops with the file, the param, the README section and the opt-out; with the opt-out it trains."""
+    import yaml
+
+    from vspa.data.coco import write_coco
+    from vspa.detection import train
+
+    started = []
+
+    def fake_train(*args, **kwargs):
+        started.append(args)
+        raise RuntimeError("training started")
+
+    monkeypatch.setattr(train, "train_detector", fake_train)
+    params = tmp_path / "my_params.yaml"
+    params.write_text(yaml.safe_dump({"scenario": "sim10k_cityscapes", "model": {"pretrained_weights": None},
+                                      section: {"device": "cpu"}}))
+    data = tmp_path / "split"
+    data.mkdir()
+    write_coco(data / "annotations.json", [], [], [{"id": 1, "name": "car"}], {})
+    args = (str(params), section, data, tmp_path / "model.pt", tmp_path / "log.csv", tmp_path / "work", "test")
+    with pytest.raises(VspaError, match=r"my_params.yaml: scenario sim10k_cityscapes(.|\n)*pretrained_weights is null"
+                                        r"(.|\n)*1. ImageNet weights(.|\n)*model.from_scratch=true"):
+        train.run_training_stage(*args)
+    assert not started and not (tmp_path / "model.pt").exists()
+    params.write_text(yaml.safe_dump({"scenario": "sim10k_cityscapes", "model": {"from_scratch": True,
+                                      "backbone": "small"}, section: {"device": "cpu"}}))
+    with pytest.raises(RuntimeError, match="training started"):  # the explicit opt-out goes on to train
+        train.run_training_stage(*args)

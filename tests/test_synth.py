@@ -246,7 +246,7 @@ def _stage():
 def _params(tmp_path: Path, **prepare) -> str:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prepare"].update({"height": 64, "width": 128, "source_train": 2, "source_test": 1,
-                              "target_train": 2, "target_test": 1, **prepare})
+                              "target_train": 2, "target_test": 1, "target_val": 1, **prepare})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return str(path)
@@ -256,7 +256,7 @@ def test_prepare_stage_generates_and_a_failed_run_keeps_the_old_dataset(tmp_path
     stage = _stage()
     out, summary_path = tmp_path / "data" / "benchmark", tmp_path / "reports" / "summary.json"
     summary = stage.prepare(_params(tmp_path), out, summary_path, workers=1, progress=False)
-    assert sorted(p.name for p in out.iterdir()) == sorted(SPLITS)
+    assert sorted(p.name for p in out.iterdir()) == sorted((*SPLITS, "target_val"))
     assert json.loads(summary_path.read_text()) == summary
     assert summary["source"] == "synth" and summary["splits"]["target_train"]["images"] == 2
     before = _files(out)
@@ -271,7 +271,7 @@ def test_prepare_stage_generates_and_a_failed_run_keeps_the_old_dataset(tmp_path
 def test_default_sizes_need_under_a_minute_of_two_cores(tmp_path):
     """CPU seconds (this process + the workers), not wall time: other jobs on the machine do not count."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())["prepare"]
-    sizes = {split: params[split] for split in SPLITS}
+    sizes = {split: params[split] for split in (*SPLITS, "target_val")}
 
     def cpu_seconds():
         own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -283,3 +283,24 @@ def test_default_sizes_need_under_a_minute_of_two_cores(tmp_path):
                                  fog_airlight=params["fog_airlight"], workers=2, progress=False)
     assert cpu_seconds() - start < 80  # i.e. under 40 s of wall time on two free cores
     assert all(math.isclose(s["objects_per_image"], 4, abs_tol=2) for s in summary["splits"].values())
+
+
+def test_target_val_is_its_own_stream_and_leaves_the_other_splits_unchanged(tiny_benchmark, tmp_path):
+    """Adding the optional validation split changes no byte of the four others; its images are foggy target
+    scenes distinct from target test's, and its object ids are unique across all five splits."""
+    from conftest import TINY_HEIGHT, TINY_WIDTH, TINY_SIZES
+
+    out = tmp_path / "with_val"
+    generate_benchmark(out, "synth_fog", {**TINY_SIZES, "target_val": 3}, seed=0, height=TINY_HEIGHT,
+                       width=TINY_WIDTH, fog_beta=0.04, fog_airlight=0.8, workers=1, progress=False)
+    for split in SPLITS:
+        for name in ("annotations.json", "images/000000.png", "images/000003.png"):
+            assert (out / split / name).read_bytes() == (Path(tiny_benchmark) / split / name).read_bytes()
+    val = _annotations(out / "target_val")
+    assert len(val["images"]) == 3 and val["info"]["domain"] == "target" and val["info"]["foggy"]
+    assert (out / "target_val" / "images/000000.png").read_bytes() != (out / "target_test" / "images/000000.png").read_bytes()
+    ids = [a["object_id"] for s in (*SPLITS, "target_val") for a in _annotations(out / s)["annotations"]]
+    assert len(set(ids)) == len(ids)
+    with pytest.raises(VspaError, match="target_val"):
+        generate_benchmark(tmp_path / "bad", "synth_fog", {**TINY_SIZES, "source_val": 3}, seed=0, height=TINY_HEIGHT,
+                           width=TINY_WIDTH, fog_beta=0.04, fog_airlight=0.8, workers=1, progress=False)

@@ -240,6 +240,15 @@ def test_coco_ap50_hand_case_and_no_detections():
     assert coco_ap50(empty, gts, ["car", "truck"]) == {"mAP": 0.0, "AP": {"car": 0.0, "truck": None}}
 
 
+def test_coco_ap50_max_dets_cuts_the_lowest_scored_detections_per_image():
+    # one image, two objects; the detector finds both, the right one with the lower score
+    gts = [gt([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 1])]
+    dets = [det([[50, 50, 60, 60], [0, 0, 10, 10], [20, 20, 30, 30]], [1, 1, 1], [0.9, 0.8, 0.7])]
+    assert coco_ap50(dets, gts, ["car"])["AP"]["car"] > 50.0  # nothing cut: both objects found
+    # detectron2-style cap at 2 per image: the 0.7 detection is cut, recall stops at 0.5 with precision 1/2
+    assert coco_ap50(dets, gts, ["car"], max_dets=2)["AP"]["car"] == pytest.approx(100 * 0.5 * 51 / 101)
+
+
 # --------------------------------------------------------------------------- runner
 
 

@@ -8,6 +8,9 @@
 - ``ImageDiscriminator``: the fully convolutional image-level discriminator of Adaptive Teacher, applied to the
   backbone map; ``FeatureDiscriminator``: an MLP on 1024-d instance/background embeddings.
 - ``domain_bce``: binary cross-entropy of discriminator logits against a constant domain label.
+- ``adversarial_terms``: the adversarial loss and the discriminator's balanced accuracy on the same batch
+  (a diagnostic: computed before the update, so it is the accuracy on samples the discriminator has not
+  been stepped on yet); ``triplet_stats``: share of active triplets and the mean cosines of a triplet batch.
 """
 
 from __future__ import annotations
@@ -77,6 +80,21 @@ def cosine_triplet_loss(
     return (weight * F.relu(d_ap - d_an + margin)).mean()
 
 
+@torch.no_grad()
+def triplet_stats(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float) -> dict:
+    """``{"active", "cos_ap", "cos_an"}`` of a triplet batch (floats; NaN with no triplet): the share of
+    triplets whose hinge ``d(a,p) - d(a,n) + margin`` is > 0 (those that give a gradient), and the mean cosine
+    of anchor-positive and anchor-negative. With unit vectors ``d = 2 - 2 cos``, so a triplet is active when
+    ``cos(a,p) - cos(a,n) < margin / 2``."""
+    if anchor.shape[0] == 0:
+        nan = float("nan")
+        return {"active": nan, "cos_ap": nan, "cos_an": nan}
+    a, p, n = (F.normalize(t.detach().float(), dim=1) for t in (anchor, positive, negative))
+    cos_ap, cos_an = (a * p).sum(dim=1), (a * n).sum(dim=1)
+    hinge = (2 - 2 * cos_ap) - (2 - 2 * cos_an) + margin
+    return {"active": float((hinge > 0).float().mean()), "cos_ap": float(cos_ap.mean()), "cos_an": float(cos_an.mean())}
+
+
 class ImageDiscriminator(nn.Module):
     """Adaptive Teacher's image-level discriminator: four 3x3 convolutions, leaky ReLU, one logit per cell."""
 
@@ -132,6 +150,20 @@ def adversarial_loss(
     Minimising it trains the discriminator to tell the domains apart while the reversed gradient drives
     whatever produced ``source`` / ``target`` to make them indistinguishable.
     """
-    return domain_bce(discriminator(grad_reverse(source, coeff)), SOURCE_LABEL) + domain_bce(
-        discriminator(grad_reverse(target, coeff)), TARGET_LABEL
-    )
+    return adversarial_terms(discriminator, source, target, coeff)[0]
+
+
+def adversarial_terms(
+    discriminator: nn.Module, source: torch.Tensor, target: torch.Tensor, coeff: float = 1.0
+) -> tuple[torch.Tensor, float]:
+    """:func:`adversarial_loss` and the discriminator's balanced accuracy on this batch, ``(loss, accuracy)``:
+    the mean of the shares of source outputs with logit < 0 and of target outputs with logit > 0 (every
+    output counts: one per embedding, one per cell of an image-level map). NaN when a side is empty."""
+    source_logits = discriminator(grad_reverse(source, coeff))
+    target_logits = discriminator(grad_reverse(target, coeff))
+    loss = domain_bce(source_logits, SOURCE_LABEL) + domain_bce(target_logits, TARGET_LABEL)
+    if source_logits.numel() == 0 or target_logits.numel() == 0:
+        return loss, float("nan")
+    with torch.no_grad():
+        accuracy = 0.5 * float((source_logits < 0).float().mean()) + 0.5 * float((target_logits > 0).float().mean())
+    return loss, accuracy

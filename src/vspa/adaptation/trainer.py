@@ -63,8 +63,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vspa.adaptation.align import BG_MODES, FG_MODES, ForegroundAligner, SourceInstances, background_loss
-from vspa.adaptation.losses import FeatureDiscriminator, ImageDiscriminator, adversarial_loss
+from vspa.adaptation import diagnostics
+from vspa.adaptation.align import (
+    BG_MODES,
+    FG_MODES,
+    FG_NEGATIVES,
+    ForegroundAligner,
+    SourceInstances,
+    background_loss,
+)
+from vspa.adaptation.losses import FeatureDiscriminator, ImageDiscriminator, adversarial_terms, triplet_stats
 from vspa.adaptation.pairing import PAIRING_MODES, PairingBank, PairTable, anchor_object_ids, pairing_triplets
 from vspa.adaptation.pseudo import filter_pseudo_labels
 from vspa.adaptation.teacher import ema_update, make_teacher, teacher_detect
@@ -87,6 +95,7 @@ STATE_FORMAT = "vspa-adapt-state/1"
 FG_BOXES = ("teacher", "student")
 ALIGN_VIEWS = ("weak", "strong")
 REFRESH_MODELS = ("student", "teacher")
+BG_FORMS = ("paper", "scaled", "confusion")
 CSV_COLUMNS = (
     "iteration",
     "lr",
@@ -129,8 +138,15 @@ class AdaptConfig:
     fg_mode: str = "memory"  # memory | inbatch_c2c | inbatch_agnostic | prototype | pairing | off
     bg_mode: str = "memory"  # memory | off
     fg_boxes: str = "teacher"  # whose detections (score >= tau) give the target instances: teacher | student
+    fg_negative: str = "both"  # random (paper) | hard (nearest other-class entry) | both (a triplet with each)
     top_k: int = 1
     margin: float = 1.5
+    # paper: unit vectors into the discriminator, gradient reversal | scaled: inputs x bg_scale, reversal |
+    # confusion: inputs x bg_scale, discriminator on detached features, confusion loss for the features
+    bg_form: str = "scaled"
+    bg_scale: float = 4.0  # scaled / confusion: factor on the unit vectors the background discriminator sees
+    bg_warmup: int = 0  # scaled / confusion: the features' gradient ramps from 0 to lambda_bg over these iterations
+    diag_every: int = 25  # gradient share of each loss term every N iterations (0 = never)
     disc_full_rate: bool = True  # discriminators learn at the full rate; lambda scales the reversed gradient
     img_disc_width: int = 64
     source_strong: bool = True  # supervised loss also on the strong source view (Adaptive Teacher)
@@ -182,6 +198,11 @@ class AdaptConfig:
             (self.fg_mode in FG_MODES, f"fg_mode must be one of {', '.join(FG_MODES)}"),
             (self.bg_mode in BG_MODES, f"bg_mode must be one of {', '.join(BG_MODES)}"),
             (self.fg_boxes in FG_BOXES, f"fg_boxes must be one of {', '.join(FG_BOXES)}"),
+            (self.fg_negative in FG_NEGATIVES, f"fg_negative must be one of {', '.join(FG_NEGATIVES)}"),
+            (self.bg_form in BG_FORMS, f"bg_form must be one of {', '.join(BG_FORMS)}"),
+            (self.bg_warmup >= 0, "bg_warmup must be >= 0"),
+            (self.bg_scale > 0 and math.isfinite(self.bg_scale), "bg_scale must be a positive number"),
+            (self.diag_every >= 0, "diag_every must be >= 0 (0 = never)"),
             (self.align_view in ALIGN_VIEWS, f"align_view must be one of {', '.join(ALIGN_VIEWS)}"),
             (self.top_k >= 1, "top_k must be >= 1"),
             (self.margin >= 0, "margin must be >= 0"),
@@ -319,8 +340,9 @@ class StudentStep(nn.Module):
         self.cfg = cfg
         self.img_disc = ImageDiscriminator(detector.feature_channels, cfg.img_disc_width) if cfg.use_img else None
         self.bg_disc = FeatureDiscriminator(detector.embed_dim) if cfg.use_bg else None
-        self.aligner = ForegroundAligner(cfg.fg_mode, cfg.top_k, cfg.margin)
+        self.aligner = ForegroundAligner(cfg.fg_mode, cfg.top_k, cfg.margin, cfg.fg_negative)
         self.retriever: Retriever | None = None
+        self.iteration = 0  # set by the trainer before each step (the background warm-up reads it)
         self.pairing_bank: PairingBank | None = None  # fg_mode pairing: the counterparts' features
 
     def forward(
@@ -346,6 +368,9 @@ class StudentStep(nn.Module):
         sup = det.supervised_losses(src_list, src_feats, src_t)
         out.update(sup)
         out["loss_sup"] = sum(sup[k] for k in LOSS_NAMES)
+        terms = {"sup": out["loss_sup"]}
+        nan = float("nan")
+        diag = {"img_disc_acc": nan, "bg_disc_acc": nan, "fg_active": nan, "cos_ap": nan, "cos_an": nan}
 
         tgt_list, tgt_t = det.prepare(tgt_strong, pseudo)
         tgt_feats = det.backbone_features(tgt_list)
@@ -353,7 +378,8 @@ class StudentStep(nn.Module):
         out["unsup_objectness"] = unsup["loss_objectness"]
         out["unsup_classifier"] = unsup["loss_classifier"]
         out["loss_unsup"] = unsup["loss_objectness"] + unsup["loss_classifier"]
-        total = out["loss_sup"] + cfg.lambda_unsup * out["loss_unsup"]
+        terms["unsup"] = cfg.lambda_unsup * out["loss_unsup"]
+        total = out["loss_sup"] + terms["unsup"]
 
         zero = total.new_zeros(())
         out["loss_img"] = out["loss_fg"] = out["loss_bg"] = zero
@@ -361,7 +387,7 @@ class StudentStep(nn.Module):
         if not (cfg.use_img or cfg.use_fg or cfg.use_bg):
             out["time_align"] = zero
             out["total"] = total
-            return out
+            return self._with_diagnostics(out, terms, diag)
 
         n_weak = len(src_t) // 2 if cfg.source_strong else len(src_t)
         if cfg.align_view == "weak":  # the views the memory and the teacher see: no photometric augmentation
@@ -373,8 +399,11 @@ class StudentStep(nn.Module):
         if self.img_disc is not None:
             key = next(iter(src_feats))
             weight, coeff = self._adversarial_weights(cfg.lambda_img)
-            out["loss_img"] = adversarial_loss(self.img_disc, src_al_feats[key], al_feats[key], coeff)
-            total = total + weight * out["loss_img"]
+            out["loss_img"], diag["img_disc_acc"] = adversarial_terms(
+                self.img_disc, src_al_feats[key], al_feats[key], coeff
+            )
+            terms["img"] = weight * out["loss_img"]
+            total = total + terms["img"]
         if cfg.use_fg or cfg.use_bg:
             with _timer(total.device, times):
                 source = None
@@ -383,12 +412,34 @@ class StudentStep(nn.Module):
                 pairing = None
                 if cfg.use_pairing:
                     pairing = (pair_targets, [tuple(im.shape[-2:]) for im in tgt_weak])
-                out.update(self._alignment_losses(al_list, al_feats, al_t, source, generator, pairing))
-            bg_weight = self._adversarial_weights(cfg.lambda_bg)[0]
-            total = total + cfg.lambda_fg * out["loss_fg"] + bg_weight * out["loss_bg"]
+                out.update(self._alignment_losses(al_list, al_feats, al_t, source, generator, pairing, diag))
+            bg_weight = self._adversarial_weights(self._bg_lambda())[0]
+            terms["fg"] = cfg.lambda_fg * out["loss_fg"]
+            terms["bg"] = bg_weight * out.pop("_bg_total", out["loss_bg"])
+            total = total + terms["fg"] + terms["bg"]
         out["time_align"] = total.new_tensor(times[0] if times else 0.0)
         out["total"] = total
+        return self._with_diagnostics(out, terms, diag)
+
+    def _with_diagnostics(self, out: dict, terms: dict, diag: dict) -> dict:
+        """``out`` plus the per-iteration diagnostics (floats, see :mod:`vspa.adaptation.diagnostics`) as
+        tensors and ``terms``: the weighted loss terms whose sum is ``out["total"]`` (for the gradient shares)."""
+        ref = out["total"]
+        for key, value in diag.items():
+            out[key] = ref.new_tensor(value).detach()
+        out["terms"] = terms
         return out
+
+    def _bg_lambda(self) -> float:
+        """lambda_bg, ramped linearly from 0 over ``bg_warmup`` iterations (not in ``bg_form: paper``)."""
+        cfg = self.cfg
+        if cfg.bg_form != "paper" and cfg.bg_warmup > 0:
+            return cfg.lambda_bg * min(1.0, self.iteration / cfg.bg_warmup)
+        return cfg.lambda_bg
+
+    def _bg_input_scale(self) -> float:
+        """The factor on the unit vectors the background discriminator sees (``bg_form``: paper 1, else bg_scale)."""
+        return self.cfg.bg_scale if self.cfg.bg_form != "paper" else 1.0
 
     def _adversarial_weights(self, lam: float) -> tuple[float, float]:
         """(weight of the discriminator loss in the total, gradient-reversal coefficient) for weight ``lam``.
@@ -401,7 +452,7 @@ class StudentStep(nn.Module):
         return (1.0, lam) if self.cfg.disc_full_rate else (lam, 1.0)
 
     def _alignment_losses(
-        self, tgt_list, tgt_feats, tgt_t, source: SourceInstances | None, generator, pairing=None
+        self, tgt_list, tgt_feats, tgt_t, source: SourceInstances | None, generator, pairing=None, diag=None
     ) -> dict:
         """Foreground triplet loss (with the number of triplets) and background adversarial loss, on the
         student's map ``tgt_feats`` of the target images. ``pairing`` (``fg_mode: pairing``): ``(pair_targets,
@@ -423,11 +474,21 @@ class StudentStep(nn.Module):
                 triplets = self.aligner.triplets(anchors, labels, generator, self.retriever, source)
             out["loss_fg"] = self.aligner.loss(triplets) if len(triplets.anchor) else anchors.sum() * 0.0
             out["fg_pairs"] = anchors.new_tensor(float(len(triplets.anchor)))
+            if diag is not None:
+                stats = triplet_stats(triplets.anchor, triplets.positive, triplets.negative, cfg.margin)
+                diag.update(fg_active=stats["active"], cos_ap=stats["cos_ap"], cos_an=stats["cos_an"])
         if cfg.use_bg:
             target_bg = det.embed(det.pool_background(tgt_feats, boxes, tgt_list.image_sizes))
-            out["loss_bg"] = background_loss(
-                self.bg_disc, self.retriever, target_bg, self._adversarial_weights(cfg.lambda_bg)[1]
+            out["_bg_total"], out["loss_bg"], accuracy = background_loss(
+                self.bg_disc,
+                self.retriever,
+                target_bg,
+                self._adversarial_weights(self._bg_lambda())[1],
+                self._bg_input_scale(),
+                confusion=cfg.bg_form == "confusion",
             )
+            if diag is not None:
+                diag["bg_disc_acc"] = accuracy
         return out
 
     def _pairing_triplets(self, anchors, labels, boxes, image_sizes, pairing, generator):
@@ -463,7 +524,12 @@ def _views(dataset, indices: list[int], positions: range, seed: int, iteration: 
         weak.append(image.to(device))
         strong.append(transforms.strong(image, g).to(device))
         targets.append({"boxes": target["boxes"].to(device), "labels": target["labels"].to(device)})
-        pairs.append({"boxes": target["boxes"], "object_ids": target["object_ids"], "flipped": bool(target["flipped"])})
+        pairs.append({
+            "boxes": target["boxes"],
+            "labels": target["labels"],  # read only by the pseudo-label diagnostics, never by training
+            "object_ids": target["object_ids"],
+            "flipped": bool(target["flipped"]),
+        })
     return weak, strong, targets, pairs
 
 
@@ -693,7 +759,7 @@ def adapt(
                 },
                 state_path,
             )
-            write_text_atomic(log_csv, _csv_text(rows))
+            _write_logs(log_csv, rows)
         distributed.barrier(ctx)
 
     share = cfg.batch_size // ctx.world_size
@@ -706,8 +772,11 @@ def adapt(
         unit="it",
         disable=(None if progress else True) if ctx.is_main else True,
     )
+    detector_ids = {id(p) for p in student.parameters()}
     for it in bar:
         t_iter: list[float] = []
+        t_backward: list[float] = []
+        step_module.iteration = it
         with _timer(device, t_iter):
             src_images, src_targets, tgt_weak, tgt_strong, tgt_pairs = _batch(data, cfg, it, positions, device)
             pseudo = filter_pseudo_labels(teacher_detect(teacher, tgt_weak), cfg.tau)
@@ -723,7 +792,13 @@ def adapt(
             losses["pseudo_per_image"] = losses["total"].new_tensor(
                 sum(len(p["labels"]) for p in pseudo) / len(pseudo)
             )
-            names = [c for c in CSV_COLUMNS if c in losses and c != "time_align"]
+            # diagnostic only: the target's labels are compared with the pseudo-labels and logged, nothing more
+            tp, n_pseudo, n_gt = diagnostics.pseudo_label_counts(pseudo, tgt_pairs)
+            for key, value in (("pseudo_tp", tp), ("pseudo_n", n_pseudo), ("gt_n", n_gt)):
+                losses[key] = losses["total"].new_tensor(value / len(pseudo))
+            terms = losses.pop("terms")
+            names = [c for c in CSV_COLUMNS + diagnostics.ITER_COLUMNS if c in losses and c != "time_align"]
+            names = list(dict.fromkeys(names))
             logged = distributed.all_reduce_mean(torch.stack([losses[k].detach().float() for k in names]), ctx)
             values = dict(zip(names, logged.cpu().tolist()))
             if not math.isfinite(values["total"]):
@@ -733,7 +808,13 @@ def adapt(
                     f"or the loss weights."
                 )
             optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
+            sample = bool(cfg.diag_every) and it % cfg.diag_every == 0 and not ctx.enabled
+            with _timer(device, t_backward):
+                if sample:  # the same gradient, term by term, with each term's norm on the detector
+                    shares = diagnostics.shares(diagnostics.term_gradients(terms, params, detector_ids))
+                else:
+                    losses["total"].backward()
+                    shares = {k: float("nan") for k in diagnostics.SHARE_COLUMNS[1:-1]}
             optimizer.step()
             scheduler.step()
             ema_update(teacher, student, cfg.ema_keep)
@@ -745,6 +826,8 @@ def adapt(
                 "fg_pairs": values["fg_pairs"] * ctx.world_size,  # the mean over processes -> the total
                 "time_iter": t_iter[0],
                 "time_align": float(losses["time_align"]),
+                "time_backward": t_backward[0],
+                **shares,
             }
         )
         bar.set_postfix(loss=f"{values['total']:.3f}", pseudo=f"{values['pseudo_per_image']:.1f}")
@@ -768,10 +851,18 @@ def adapt(
             checkpoint(done)
     bar.close()
     if start >= cfg.iterations and ctx.is_main:
-        write_text_atomic(log_csv, _csv_text(rows))
+        _write_logs(log_csv, rows)
     distributed.barrier(ctx)
     summary = summarize(rows, refresh_seconds, cfg)
+    summary["diagnostics"] = diagnostics.summarize_diagnostics(rows)
     return teacher, summary
+
+
+def _write_logs(log_csv: Path, rows: list[dict]) -> None:
+    """``losses.csv``, and beside it ``diagnostics.csv`` and ``grad_shares.csv`` (atomic writes)."""
+    write_text_atomic(log_csv, _csv_text(rows))
+    write_text_atomic(log_csv.with_name("diagnostics.csv"), diagnostics.iteration_csv_text(rows))
+    write_text_atomic(log_csv.with_name("grad_shares.csv"), diagnostics.shares_csv_text(rows))
 
 
 def summarize(rows: list[dict], refresh_seconds: list[float], cfg: AdaptConfig) -> dict:

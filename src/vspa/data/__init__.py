@@ -7,3 +7,6 @@ generator's worker processes never import torch.
 
 SPLITS = ("source_train", "source_test", "target_train", "target_test")
 """The four splits of every benchmark, in the order that defines their ``split code`` (0..3)."""
+OPTIONAL_SPLITS = ("target_val",)
+"""Splits a benchmark may add (split codes 4..): ``target_val``, the labelled target validation split on which
+every default is chosen (the embedded benchmark generates it; target test is read only for final tables)."""

@@ -31,8 +31,9 @@ Scenarios
   and gamma, colour cast, vignetting, blur, noise, camera 1.25 m high, horizon at 48%); car only.
 
 Every image depends only on ``(seed, split code, index)`` (``np.random.default_rng([seed, code, index])``),
-so the output is the same whatever the number of worker processes. ``object_id`` =
-``split code * 10^7 + index * 100 + k``: unique within a split and across the four splits.
+so the output is the same whatever the number of worker processes, and adding the optional ``target_val``
+split (code 4, its own seed stream) leaves the four others unchanged. ``object_id`` =
+``split code * 10^7 + index * 100 + k``: unique within a split and across the splits.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vspa.data import SPLITS
+from vspa.data import OPTIONAL_SPLITS, SPLITS
 from vspa.utils import VspaError
 
 GENERATOR = "vspa-synth/1"
 SCENARIO_CLASSES = {"synth_fog": ("car", "person", "truck"), "synth_real": ("car",)}
-SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
+SPLIT_CODES = {name: code for code, name in enumerate(SPLITS + OPTIONAL_SPLITS)}
 ORIENTATIONS = ("front", "back", "side", "side_mirrored")
 
 SKY_DEPTH_M = 655.35  # the largest depth a uint16 PNG in centimetres holds
@@ -796,8 +797,13 @@ def _render_task(task: tuple) -> tuple[int, dict, list[dict]]:
 
 def _validate(scenario, sizes, seed, height, width, fog_beta, fog_airlight, workers) -> dict[str, int]:
     _check_scenario(scenario)
-    if not isinstance(sizes, dict) or set(sizes) != set(SPLITS):
-        raise VspaError(f"params.yaml: give the number of images of each split: prepare.{{{', '.join(SPLITS)}}}.")
+    if isinstance(sizes, dict):  # optional splits: absent or 0 = not generated
+        sizes = {k: v for k, v in sizes.items() if not (k in OPTIONAL_SPLITS and v in (None, 0))}
+    if not isinstance(sizes, dict) or not set(SPLITS) <= set(sizes) <= set(SPLITS + OPTIONAL_SPLITS):
+        raise VspaError(
+            f"params.yaml: give the number of images of each split: prepare.{{{', '.join(SPLITS)}}} "
+            f"(and optionally {', '.join(OPTIONAL_SPLITS)})."
+        )
     for split, n in sizes.items():
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_IMAGES_PER_SPLIT:
             raise VspaError(f"params.yaml: prepare.{split} must be an integer in [0, {MAX_IMAGES_PER_SPLIT}], got {n!r}.")
@@ -812,7 +818,7 @@ def _validate(scenario, sizes, seed, height, width, fog_beta, fog_airlight, work
         raise VspaError(f"params.yaml: prepare.fog_airlight must be in [0, 1], got {fog_airlight!r}.")
     if not isinstance(workers, int) or workers < 1:
         raise VspaError(f"workers must be a positive integer, got {workers!r}.")
-    return {split: sizes[split] for split in SPLITS}
+    return {split: sizes[split] for split in SPLITS + OPTIONAL_SPLITS if split in sizes}
 
 
 def generate_benchmark(

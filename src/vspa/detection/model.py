@@ -41,6 +41,7 @@ class DetectorConfig:
 
     backbone: str = "small"
     pretrained_weights: str | None = None
+    from_scratch: bool = False  # real-data presets: train an ImageNet backbone from random weights on purpose
     min_size: int = 160  # resize: shorter side
     max_size: int = 320  # resize: longer side at most
     small_width: int = 16  # base width of the 'small' backbone (output channels = 4x)
@@ -79,6 +80,8 @@ class DetectorConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise VspaError(f"{path}: model.{key} must be a positive integer, got {value!r}.")
+        if not isinstance(self.from_scratch, bool):
+            raise VspaError(f"{path}: model.from_scratch must be true or false, got {self.from_scratch!r}.")
         if self.min_size > self.max_size:
             raise VspaError(
                 f"{path}: model.min_size ({self.min_size}) is larger than model.max_size ({self.max_size})."

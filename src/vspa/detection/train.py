@@ -293,8 +293,12 @@ def run_training_stage(
     Reads ``model`` and ``<section>`` from ``params_path``; writes the checkpoint ``out`` (with the class
     names and the training config), the loss log ``log_csv`` and the resumable state in ``work_dir``.
     """
+    from vspa.data.importers import require_pretrained
+
     params = stage_config(params_path, "model", section)
     model_cfg = DetectorConfig.from_params(params["model"], path=params_path)
+    if not model_cfg.from_scratch:  # a real-data preset without its ImageNet weights stops here, before any work
+        require_pretrained(params["model"], params["scenario"], path=params_path)
     train_cfg = TrainConfig.from_params(params[section], name=section, path=params_path)
     ann = Path(data_dir) / "annotations.json"
     data_hash = dataset_sha256(ann)

@@ -30,12 +30,20 @@ from vspa.evaluation.voc import parse_image
 from vspa.utils import VspaError
 
 MAX_DETS = 1_000_000
+DETECTRON2_MAX_DETS = 100  # detectron2's COCOEvaluator default (max_dets_per_image), as the field reports AP50
 
 
 def coco_ap50(
-    detections: Sequence[Mapping], ground_truths: Sequence[Mapping], class_names: Sequence[str]
+    detections: Sequence[Mapping],
+    ground_truths: Sequence[Mapping],
+    class_names: Sequence[str],
+    max_dets: int = MAX_DETS,
+    iou: float = 0.5,
 ) -> dict:
-    """``{"mAP": .., "AP": {class: ..}}`` in percent via pycocotools; ``None`` for classes without GT."""
+    """``{"mAP": .., "AP": {class: ..}}`` in percent via pycocotools; ``None`` for classes without GT.
+
+    ``max_dets`` is COCOeval's per-image cap (per category); ``DETECTRON2_MAX_DETS`` gives the COCO-style AP50
+    that detectron2-based papers (Adaptive Teacher, CMT, ALDI) print; the default cuts nothing."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -73,10 +81,10 @@ def coco_ap50(
             coco_gt.createIndex()
             coco_dt = coco_gt.loadRes(results)
             ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
-            ev.params.iouThrs = np.array([0.5])
+            ev.params.iouThrs = np.array([float(iou)])
             ev.params.areaRng = [[0.0, 1e10]]
             ev.params.areaRngLbl = ["all"]
-            ev.params.maxDets = [MAX_DETS]
+            ev.params.maxDets = [int(max_dets)]
             ev.evaluate()
             ev.accumulate()
         precision = ev.eval["precision"]  # [T=1, R=101, K, A=1, M=1]; -1 where the class has no GT

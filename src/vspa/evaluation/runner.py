@@ -86,13 +86,24 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Evaluate a checkpoint on the split in ``data_dir`` (``annotations.json`` + images).
 
-    Returns the metrics dict (``EvalResult.to_json()`` layout, AP in percent) and the PR curves
-    (``{class: {"recall", "precision", "scores"}}``).
+    Returns the metrics dict (``EvalResult.to_json()`` layout, AP in percent: ``mAP`` / ``AP`` are VOC
+    all-point AP, the paper's metric; ``coco_mAP50`` / ``coco_AP50`` the COCO-style 101-point AP at the same
+    IoU through pycocotools with detectron2's 100 detections per image, the metric of detectron2-based work)
+    and the PR curves (``{class: {"recall", "precision", "scores"}}``).
     """
+    from vspa.evaluation.coco_check import DETECTRON2_MAX_DETS, coco_ap50
+
     detector, dataset, class_names = _load(checkpoint_path, data_dir, device)
     detections, ground_truths = _detect_split(detector, dataset, device, batch_size, progress)
     result = evaluate_detections(detections, ground_truths, class_names, iou_threshold=iou)
-    return result.to_json(), result.pr_curves()
+    coco = coco_ap50(detections, ground_truths, class_names, max_dets=DETECTRON2_MAX_DETS, iou=iou)
+    metrics = result.to_json()
+    keys = list(metrics)  # the COCO-style figures right after the VOC ones, so both lead the metrics file
+    at = keys.index("AP") + 1
+    ordered = dict(list(metrics.items())[:at])
+    ordered.update(coco_mAP50=coco["mAP"], coco_AP50=coco["AP"])
+    ordered.update(dict(list(metrics.items())[at:]))
+    return ordered, result.pr_curves()
 
 
 def downsample_curve(recall: np.ndarray, precision: np.ndarray, max_points: int = 200) -> tuple[np.ndarray, np.ndarray]:

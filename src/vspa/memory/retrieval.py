@@ -132,6 +132,30 @@ class Retriever:
         pos = torch.where(pos >= start, pos + own, pos)
         return self._order[pos].to(self.device)
 
+    @torch.no_grad()
+    def hard_negative(self, queries: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """For each query, the most cosine-similar foreground row of a *different* class (int64 [Q] on the
+        device, rows as for :meth:`random_negative`). With a single class (``negatives_from_background``)
+        the most similar background row instead."""
+        if self.negatives_from_background:
+            return self.topk_background(queries, k=1)[0][:, 0]
+        labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
+        self._check_labels(labels, 0)
+        if (self.counts[labels.cpu() - 1] == int(self._offsets[-1])).any():
+            raise VspaError("retrieval: no memory entry of another class exists for a negative. Re-extract the memory.")
+        q = l2_normalize(queries.detach().to(self.device))
+        best_sim = torch.full((len(q),), float("-inf"), device=self.device)
+        best_row = torch.zeros(len(q), dtype=torch.long, device=self.device)
+        for c in range(1, self.num_classes + 1):  # the best row of every other class, then the best of those
+            if int(self.counts[c - 1]) == 0:
+                continue
+            sims, local = _topk_chunked(q, self._class_feats[c], 1, self.chunk_rows)
+            sims = sims[:, 0].masked_fill(labels == c, float("-inf"))
+            better = sims > best_sim
+            best_sim = torch.where(better, sims, best_sim)
+            best_row = torch.where(better, self._class_rows[c][local[:, 0]], best_row)
+        return best_row
+
     def fg_vectors(self, indices: torch.Tensor) -> torch.Tensor:
         """L2-normalised foreground rows ``indices`` (as returned by topk / random_negative)."""
         return self._sorted[self._position[indices.to(self.device)]]

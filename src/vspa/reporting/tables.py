@@ -142,7 +142,8 @@ def build_comparison(
                 f"{row.metrics_path} has classes {row_classes} but {first_path} has {classes}; a table compares "
                 "models on one test split. Re-evaluate both on the same data."
             )
-        entries.append({**entry, "missing": False, "AP": metrics["AP"], "mAP": metrics["mAP"]})
+        entries.append({**entry, "missing": False, "AP": metrics["AP"], "mAP": metrics["mAP"],
+                        "coco_mAP50": metrics.get("coco_mAP50")})
 
     by_name = {e["name"]: e for e in entries if not e["missing"]}
     src, orc = by_name.get(source, {}).get("mAP"), by_name.get(oracle, {}).get("mAP")
@@ -174,9 +175,11 @@ def _fmt(value: float | None, suffix: str = "") -> str:
 
 
 def render_markdown(comparison: dict[str, Any]) -> str:
-    """The comparison as a markdown table (AP50 per class, mAP, gap closed), one decimal like the paper."""
+    """The comparison as a markdown table (AP50 per class, mAP, gap closed, and the COCO-style mAP50 when the
+    metrics files have it), one decimal like the paper."""
     classes = comparison["classes"]
-    header = ["Method", *classes, "mAP", "Gap closed"]
+    coco = any(e.get("coco_mAP50") is not None for e in comparison["rows"] if not e["missing"])
+    header = ["Method", *classes, "mAP", "Gap closed"] + (["COCO-style mAP50"] if coco else [])
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -184,21 +187,28 @@ def render_markdown(comparison: dict[str, Any]) -> str:
     missing = []
     for e in comparison["rows"]:
         if e["missing"]:
-            cells = ["missing"] * (len(classes) + 2)
+            cells = ["missing"] * (len(classes) + 2 + coco)
             missing.append(e)
         else:
             cells = [_fmt(e["AP"].get(c)) for c in classes] + [_fmt(e["mAP"]), _fmt(e["gap_closed"], "%")]
+            cells += [_fmt(e.get("coco_mAP50"))] if coco else []
         lines.append("| " + " | ".join([e["description"], *cells]) + " |")
     paper = comparison.get("paper")
     if paper:
         for e in paper["rows"]:
             cells = [_fmt(e["AP"].get(c)) for c in classes] + [_fmt(e["mAP"]), _fmt(e["gap_closed"], "%")]
+            cells += ["–"] if coco else []
             lines.append("| " + " | ".join([f"Paper: {e['name']}", *cells]) + " |")
     notes = [
         "",
         f"AP at IoU 0.5 (VOC all-point), percent. Gap closed = (mAP - {comparison['source_row']}) / "
         f"({comparison['oracle_row']} - {comparison['source_row']}).",
     ]
+    if coco:
+        notes.append(
+            "COCO-style mAP50: pycocotools, 101-point interpolation, 100 detections per image (detectron2's "
+            "evaluator), the metric of Adaptive Teacher / CMT / ALDI; the paper's tables use VOC AP50."
+        )
     if paper:
         notes.append(
             f"Paper rows: {paper['title']} (printed numbers; '–' where the paper has no such class or no oracle)."

@@ -462,13 +462,14 @@ _WEIGHTS = {
 }
 
 
-def require_pretrained(model_cfg: dict, scenario: str) -> Path | None:
+def require_pretrained(model_cfg: dict, scenario: str, path: str = "params.yaml") -> Path | None:
     """The ImageNet weights file of a real-data scenario, or a VspaError saying how to obtain it.
 
     ``model_cfg`` is the effective ``model`` section. A real-data scenario (preset ``prepare.source:
     import``) with an ImageNet backbone must have ``model.pretrained_weights`` pointing at an existing file:
     the paper starts from ImageNet weights and nothing is downloaded. For other scenarios the path (or
-    None) is returned unchecked; the backbone loader checks a given file.
+    None) is returned unchecked; the backbone loader checks a given file. ``path`` names the params file in
+    the message. The training stages call this unless ``model.from_scratch`` is true.
     """
     from vspa.config import load_preset
 
@@ -477,16 +478,19 @@ def require_pretrained(model_cfg: dict, scenario: str) -> Path | None:
     real = (load_preset(scenario).get("prepare") or {}).get("source") == "import"
     if not real or backbone not in _WEIGHTS:
         return Path(value).expanduser() if value else None
-    path = Path(value).expanduser() if value else None
-    if path is not None and path.is_file():
-        return path
+    weights = Path(value).expanduser() if value else None
+    if weights is not None and weights.is_file():
+        return weights
     fn, enum = _WEIGHTS[backbone]
-    problem = "model.pretrained_weights is null" if path is None else f"model.pretrained_weights = {path}: no such file"
+    problem = (
+        "model.pretrained_weights is null" if weights is None else f"model.pretrained_weights = {weights}: no such file"
+    )
     name = f"{fn}-imagenet1k-v1.pth"
     raise VspaError(
-        f"scenario {scenario} starts the {backbone} backbone from ImageNet weights (as the paper does), but "
+        f"{path}: scenario {scenario} starts the {backbone} backbone from ImageNet weights (as the paper does), but "
         f"{problem}. The pipeline never downloads weights. On a machine with network access run\n"
         f"  python -c \"import torch, torchvision; m = torchvision.models.{fn}(weights=torchvision.models.{enum}); "
         f"torch.save(m.state_dict(), '{name}')\"\n"
-        f"copy {name} here and rerun with -S model.pretrained_weights=/path/to/{name}."
+        f"copy {name} here and rerun with -S model.pretrained_weights=/path/to/{name} (README: \"Real datasets\", "
+        f"\"1. ImageNet weights\"). To train from random weights on purpose, set -S model.from_scratch=true."
     )
