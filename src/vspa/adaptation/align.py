@@ -32,10 +32,11 @@ have components of about ``1/sqrt(D)`` (0.03 for D = 1024): a default-initialise
 about 200 SGD steps, longer than the 150 iterations between two memory refreshes of the embedded benchmark.
 The trainer's ``bg_form: scaled`` and ``confusion`` multiply by ``bg_scale`` (default 4); ``sqrt(D)`` = 32
 (components of about 1) makes each SGD step of the first layer ``32^2`` times larger than at scale 1 and the
-discriminator overconfident, with loss spikes when the features move. ``confusion`` replaces the gradient reversal: the discriminator learns on detached features, and
-the target features get the gradient of a domain-confusion loss, ``BCE(D(f), 1/2)`` through the frozen
-discriminator (Tzeng et al. 2015), which pulls the logit towards 0 with a gradient ``sigmoid(z) - 1/2`` that
-does not vanish when the discriminator is confident; the reversed gradient ``-(sigmoid(z) - y)`` does.
+discriminator overconfident, with loss spikes when the features move. ``confusion`` replaces the gradient
+reversal: the discriminator learns on detached features, and the target features get the gradient of a
+domain-confusion loss, ``BCE(D(f), 1/2)`` through the frozen discriminator (Tzeng et al. 2015), which pulls
+the logit towards 0 with a gradient ``sigmoid(z) - 1/2`` that does not vanish when the discriminator is
+confident; the reversed gradient ``-(sigmoid(z) - y)`` does.
 
 Every random draw takes an explicit CPU ``torch.Generator`` so a run is reproducible and resumable.
 """
@@ -109,7 +110,9 @@ def memory_triplets(
     a random other-class entry, the most similar other-class entry (background entries with one class), or
     one triplet with each (the random triplets first)."""
     if negative not in FG_NEGATIVES:
-        raise VspaError(f"params.yaml: adapt.fg_negative '{negative}' is unknown. Use one of: {', '.join(FG_NEGATIVES)}.")
+        raise VspaError(
+            f"params.yaml: adapt.fg_negative '{negative}' is unknown. Use one of: {', '.join(FG_NEGATIVES)}."
+        )
     idx, _ = retriever.topk(anchors, labels, k=top_k)  # [K, k], best first
     positive = retriever.fg_vectors(idx.reshape(-1))
     labels_rep = labels.repeat_interleave(top_k)
@@ -227,7 +230,9 @@ class ForegroundAligner:
         if margin < 0:
             raise VspaError(f"params.yaml: adapt.margin must be >= 0, got {margin}.")
         if negative not in FG_NEGATIVES:
-            raise VspaError(f"params.yaml: adapt.fg_negative '{negative}' is unknown. Use one of: {', '.join(FG_NEGATIVES)}.")
+            raise VspaError(
+                f"params.yaml: adapt.fg_negative '{negative}' is unknown. Use one of: {', '.join(FG_NEGATIVES)}."
+            )
         self.negative = negative
         self.fg_mode = fg_mode
         self.top_k = top_k

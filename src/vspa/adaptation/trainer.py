@@ -138,7 +138,8 @@ class AdaptConfig:
     fg_mode: str = "memory"  # memory | inbatch_c2c | inbatch_agnostic | prototype | pairing | off
     bg_mode: str = "memory"  # memory | off
     fg_boxes: str = "teacher"  # whose detections (score >= tau) give the target instances: teacher | student
-    fg_negative: str = "both"  # random (paper) | hard (nearest other-class entry) | both (a triplet with each)
+    # fg_mode memory: the triplet's negative: random (paper) | hard (nearest other-class entry) | both (one of each)
+    fg_negative: str = "both"
     top_k: int = 1
     margin: float = 1.5
     # paper: unit vectors into the discriminator, gradient reversal | scaled: inputs x bg_scale, reversal |
