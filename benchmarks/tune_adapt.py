@@ -51,8 +51,6 @@ VARIANTS: dict[str, dict] = {
 def run_variant(name: str, overrides: dict, out_root: Path, seed: int) -> dict:
     """Adapt (unless ``<work>/model/model.pt`` and its diagnostics exist: a finished run is reused) and
     evaluate on target validation."""
-    from vspa.evaluation.runner import evaluate_model
-
     work = out_root / (name if seed == 0 else f"{name}_s{seed}")
     work.mkdir(parents=True, exist_ok=True)
     if (work / "model" / "model.pt").is_file() and (work / "logs" / "diagnostics.json").is_file():

@@ -96,7 +96,7 @@ def prepare(params_path: str, out: Path, summary_path: Path, workers: int, progr
             summary = generate_benchmark(
                 tmp,
                 scenario,
-                {split: cfg.get(split) for split in SPLITS + OPTIONAL_SPLITS if cfg.get(split)},
+                {split: cfg.get(split) for split in SPLITS + tuple(s for s in OPTIONAL_SPLITS if cfg.get(s))},
                 seed=cfg.get("seed"),
                 height=cfg.get("height"),
                 width=cfg.get("width"),
