@@ -1,140 +1,199 @@
-"""`make bench`: every row of the comparison table with several training seeds, mean and spread.
+"""`make bench`: every row of the comparison table over paired training seeds, with 95% confidence intervals.
 
-For each seed it writes a copy of params.yaml with every training seed set (pretrain, oracle, adapt,
-subsample), runs the stage scripts with their output paths under ``models/bench/seed<S>`` and
-``reports/bench/rows/seed<S>``, and finally writes ``reports/bench/rows.md`` and ``rows.json`` (mAP and
-per-class AP: mean and sample standard deviation over seeds). The data split is the one of
-``data/benchmark`` (run ``dvc repro prepare`` first); only the training seeds vary. A seed whose metrics
-already exist is not run again, so an interrupted bench resumes.
+A seed ``S`` fixes everything trained for it: the source detector (``pretrain.seed``), its memory
+(``subsample.seed``), every adaptation run made from it (``adapt.seed``) and the oracle, so two rows of one
+seed are a pair. Each seed is a chain of the pipeline's own stage scripts (pretrain -> extract_memory ->
+subsample -> one adapt run per row -> evaluate on target test and on target validation), written under
+``models/bench/seed<S>`` (models, logs) and ``reports/bench/rows/seed<S>`` (params, metrics). The data split
+is the pipeline's ``data/benchmark`` (run ``dvc repro prepare`` first); only the training seeds vary.
 
-    python benchmarks/bench_rows.py --seeds 0,1,2 [--rows source_on_target,at_like,vspa,oracle_on_target]
+Runs: ``--jobs`` chains at a time (default 2, one per core), every process pinned to ``--threads`` threads
+(default 1: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``), recorded in ``rows.json``, so a rerun on the same
+machine reproduces every number. A step whose output exists is not run again: an interrupted bench resumes.
+The core rows (``--rows``) run for every seed of ``--seeds``; the extra rows (``--extra-rows``: MILA-like,
+background only, oracle) for the seeds of ``--extra-seeds`` only.
+
+Output (``--out``): ``rows.json`` and ``rows.md`` (per row: mean ± std and per-seed mAP; for every row against
+AT-like and against fair source only: the paired mean difference, its 95% Student-t interval and the verdict
+"shown" / "not shown"), the same on target validation in ``rows_val.md``, and ``diffs.png`` (per-seed
+differences). Tables are written after every finished seed.
+
+    python benchmarks/bench_rows.py --seeds 0-9 --extra-seeds 0-2 [--jobs 2 --threads 1]
 """
 
 from __future__ import annotations
 
 import json
-import statistics
+import os
+import platform
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import typer
 import yaml
 
-from vspa.reporting.tables import ROW_DESCRIPTIONS
-from vspa.utils import VspaError, run_stage, write_json_atomic, write_text_atomic
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vspa.reporting import seeds as seedstats  # noqa: E402
+from vspa.reporting.tables import ROW_DESCRIPTIONS  # noqa: E402
+from vspa.utils import VspaError, run_stage, write_json_atomic, write_text_atomic  # noqa: E402
 
 DATA = Path("data/benchmark")
-ADAPT_ROWS = ("at_like", "vspa")
+ADAPT_ROWS = ("fair_source", "at_like", "vspa", "mila_like", "bg_only")
+ORDER = ("source_on_target", "fair_source", "at_like", "mila_like", "bg_only", "vspa", "oracle_on_target")
+REFERENCES = ("at_like", "fair_source")
+SPLITS = {"test": "target_test", "val": "target_val"}
 
 
-def _run(args: list[str]) -> None:
-    print("+", " ".join(args), file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, *args], check=True)
+def parse_seeds(text: str) -> list[int]:
+    """'0-9' or '0,1,2' or '0-2,5' -> sorted seed list."""
+    out: set[int] = set()
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(out)
 
 
-def _seed_params(base: Path, seed: int, out: Path) -> Path:
-    params = yaml.safe_load(base.read_text())
-    for section in ("pretrain", "oracle", "adapt", "subsample"):
-        params.setdefault(section, {})["seed"] = seed
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, yaml.safe_dump(params, sort_keys=False))
-    return out
+class Chain:
+    """One seed's runs; every command is a stage script in a child process pinned to ``threads`` threads."""
+
+    def __init__(self, seed: int, rows: list[str], params: Path, out: Path, work: Path, threads: int):
+        self.seed, self.rows, self.threads = seed, rows, threads
+        self.models, self.reports = work / f"seed{seed}", out / f"seed{seed}"
+        self.params = self.reports / "params.yaml"
+        base = yaml.safe_load(params.read_text())
+        for section in ("pretrain", "oracle", "adapt", "subsample"):
+            base.setdefault(section, {})["seed"] = seed
+        for section in ("pretrain", "oracle", "adapt", "subsample", "evaluate", "extract_memory"):
+            base.setdefault(section, {})["device"] = "cpu"
+        self.reports.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.params, yaml.safe_dump(base, sort_keys=False))
+        self.seconds: dict[str, float] = {}
+
+    def run(self, step: str, args: list[str], done: Path) -> None:
+        if done.is_file():
+            return
+        log = self.models / "logs" / f"{step}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
+                   PYTHONPATH=str(ROOT / "src"))
+        env.pop("WORLD_SIZE", None)
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, *args, "--params", str(self.params)], cwd=ROOT, env=env,
+                                  stdout=f, stderr=subprocess.STDOUT)
+        if proc.returncode:
+            tail = log.read_text().splitlines()[-5:]
+            raise VspaError(f"seed {self.seed}, {step} failed (exit {proc.returncode}); see {log}:\n" + "\n".join(tail))
+        self.seconds[step] = round(time.perf_counter() - start, 1)
+
+    def go(self) -> dict[str, dict[str, dict]]:
+        m, r = self.models, self.reports
+        source, oracle, memory = m / "source/model.pt", m / "oracle/model.pt", m / "memory/subsampled.h5"
+        self.run("pretrain", ["stages/pretrain.py", "--out", str(source), "--log", str(m / "logs/pretrain_losses.csv"),
+                              "--work-dir", str(m / "source/work")], source)
+        adapt_rows = [row for row in ADAPT_ROWS if row in self.rows]
+        if any(row in ("vspa", "mila_like", "bg_only") for row in adapt_rows):
+            self.run("extract_memory", ["stages/extract_memory.py", "--model", str(source), "--out",
+                                        str(m / "memory/full.h5"), "--stats", str(m / "logs/extract.json")], memory)
+            self.run("subsample", ["stages/subsample.py", "--memory", str(m / "memory/full.h5"), "--out", str(memory),
+                                   "--coverage", str(m / "logs/coverage.json")], memory)
+        for row in adapt_rows:  # loss logs stay with the models; the small diagnostics are kept beside the metrics
+            logs = m / "logs" / "adapt" / row
+            self.run(f"adapt_{row}", ["stages/adapt.py", "--name", row, "--model", str(source), "--memory", str(memory),
+                                      "--out", str(m / "adapt" / row), "--log-dir", str(logs)],
+                     m / "adapt" / row / "model.pt")
+            kept = r / "diagnostics" / f"{row}.json"
+            if not kept.is_file():
+                write_json_atomic(kept, json.loads((logs / "diagnostics.json").read_text()))
+        if "oracle_on_target" in self.rows:
+            self.run("oracle", ["stages/oracle.py", "--out", str(oracle), "--log", str(m / "logs/oracle_losses.csv"),
+                                "--work-dir", str(m / "oracle/work")], oracle)
+        checkpoints = {"source_on_target": source, "oracle_on_target": oracle,
+                       **{row: m / "adapt" / row / "model.pt" for row in ADAPT_ROWS}}
+        results: dict[str, dict[str, dict]] = {}
+        for split_key, split in SPLITS.items():
+            metrics_dir = r / ("metrics" if split_key == "test" else f"metrics_{split_key}")
+            for row in self.rows:
+                self.run(f"evaluate_{row}_{split_key}",
+                         ["stages/evaluate.py", "--model", str(checkpoints[row]), "--data", str(DATA / split), "--name",
+                          row, "--metrics-dir", str(metrics_dir), "--plots-dir", str(m / "pr" / split_key)],
+                         metrics_dir / f"{row}.json")
+                results.setdefault(split_key, {})[row] = json.loads((metrics_dir / f"{row}.json").read_text())
+        if self.seconds:
+            times = r / "seconds.json"
+            old = json.loads(times.read_text()) if times.is_file() else {}
+            write_json_atomic(times, {**old, **self.seconds})
+        return results
 
 
-def run_seed(seed: int, rows: list[str], params: Path) -> dict[str, dict]:
-    models, reports = Path(f"models/bench/seed{seed}"), Path(f"reports/bench/rows/seed{seed}")
-    metrics_dir = reports / "metrics"
-    if all((metrics_dir / f"{r}.json").is_file() for r in rows):
-        return {r: json.loads((metrics_dir / f"{r}.json").read_text()) for r in rows}
-    p = str(_seed_params(params, seed, reports / "params.yaml"))
-    source, oracle = models / "source/model.pt", models / "oracle/model.pt"
-    t0 = time.time()
-    _run(["stages/pretrain.py", "--params", p, "--out", str(source), "--log", str(reports / "pretrain_losses.csv"),
-          "--work-dir", str(models / "source/work")])
-    if "oracle_on_target" in rows:
-        _run(["stages/oracle.py", "--params", p, "--out", str(oracle), "--log", str(reports / "oracle_losses.csv"),
-              "--work-dir", str(models / "oracle/work")])
-    memory = models / "memory/subsampled.h5"
-    if any(r in rows for r in ADAPT_ROWS):
-        _run(["stages/extract_memory.py", "--params", p, "--model", str(source), "--out", str(models / "memory/full.h5"),
-              "--stats", str(reports / "extract.json")])
-        _run(["stages/subsample.py", "--params", p, "--memory", str(models / "memory/full.h5"), "--out", str(memory),
-              "--coverage", str(reports / "coverage.json")])
-    for name in ADAPT_ROWS:
-        if name in rows:
-            _run(["stages/adapt.py", "--params", p, "--name", name, "--model", str(source), "--memory", str(memory),
-                  "--out", str(models / "adapt" / name), "--log-dir", str(reports / "adapt" / name)])
-    checkpoints = {"source_on_target": source, "source_on_source": source, "oracle_on_target": oracle,
-                   **{n: models / "adapt" / n / "model.pt" for n in ADAPT_ROWS}}
-    for row in rows:
-        if row not in checkpoints:
-            raise VspaError(f"--rows: unknown row '{row}'. Known: {', '.join(checkpoints)}.")
-        split = "source_test" if row == "source_on_source" else "target_test"
-        _run(["stages/evaluate.py", "--params", p, "--model", str(checkpoints[row]), "--data", str(DATA / split),
-              "--name", row, "--metrics-dir", str(metrics_dir), "--plots-dir", str(reports / "pr")])
-    print(f"seed {seed}: {time.time() - t0:.0f} s", file=sys.stderr)
-    return {r: json.loads((metrics_dir / f"{r}.json").read_text()) for r in rows}
-
-
-def summarise(results: dict[int, dict[str, dict]], rows: list[str]) -> dict:
-    """mean and sample std (0 for one seed) of mAP and of each class's AP, per row."""
-    out = {}
-    for row in rows:
-        per_seed = [results[s][row] for s in sorted(results)]
-        classes = list(per_seed[0]["AP"])
-
-        def stats(values: list[float]) -> dict:
-            return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "values": values}
-
-        out[row] = {"mAP": stats([m["mAP"] for m in per_seed]),
-                    "AP": {c: stats([m["AP"][c] for m in per_seed if m["AP"][c] is not None]) for c in classes}}
-    return out
-
-
-def render(summary: dict, seeds: list[int]) -> str:
-    rows = list(summary)
-    classes = list(summary[rows[0]]["AP"])
-    lines = [f"AP50 on the target test split, mean ± std over seeds {', '.join(map(str, seeds))}.", "",
-             "| Method | " + " | ".join(classes) + " | mAP |", "|---" * (len(classes) + 2) + "|"]
-    for row in rows:
-        cells = [f"{summary[row]['AP'][c]['mean']:.1f} ± {summary[row]['AP'][c]['std']:.1f}" for c in classes]
-        m = summary[row]["mAP"]
-        lines.append(f"| {ROW_DESCRIPTIONS.get(row, row)} | " + " | ".join(cells) + f" | {m['mean']:.1f} ± {m['std']:.1f} |")
-    gap = gap_closed(summary)
-    if gap:
-        lines += ["", "Gap closed (mean mAP - source) / (oracle - source), from the means: "
-                  + ", ".join(f"{ROW_DESCRIPTIONS.get(r, r).split(':')[0]} {g:.1f}%" for r, g in gap.items()) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def gap_closed(summary: dict) -> dict[str, float]:
-    """Percent of the source -> oracle gap closed by each adapted row, from the mean mAPs ({} without both ends)."""
-    if "source_on_target" not in summary or "oracle_on_target" not in summary:
-        return {}
-    low, high = summary["source_on_target"]["mAP"]["mean"], summary["oracle_on_target"]["mAP"]["mean"]
-    if high <= low:
-        return {}
-    return {r: 100.0 * (summary[r]["mAP"]["mean"] - low) / (high - low) for r in summary if r in ADAPT_ROWS}
+def write_tables(results: dict[int, dict], out: Path, meta: dict) -> dict:
+    """rows.json, rows.md, rows_val.md and diffs.png from every finished seed."""
+    rows = [r for r in ORDER if any(r in results[s]["test"] for s in results)]
+    report = {**meta, "seeds_done": sorted(results)}
+    for split_key in SPLITS:
+        summary = seedstats.summarise({s: results[s][split_key] for s in results}, rows, list(REFERENCES))
+        report[split_key] = summary
+        text = seedstats.render(summary, ROW_DESCRIPTIONS, split=SPLITS[split_key].replace("_", " "))
+        head = (f"Written by `python benchmarks/bench_rows.py` ({meta['command']}): {meta['jobs']} runs at a time, "
+                f"each pinned to {meta['threads']} thread(s), on {meta['machine']}; torch {meta['torch']}.\n\n")
+        write_text_atomic(out / ("rows.md" if split_key == "test" else f"rows_{split_key}.md"), head + text)
+        if split_key == "test":
+            seedstats.plot_differences(summary, out / "diffs.png", ROW_DESCRIPTIONS)
+    write_json_atomic(out / "rows.json", report)
+    return report
 
 
 def main(
-    seeds: str = typer.Option("0,1,2", help="Comma-separated training seeds."),
-    rows: str = typer.Option("source_on_target,at_like,vspa,oracle_on_target", help="Rows to run."),
+    seeds: str = typer.Option("0-9", help="Seeds of the core rows: '0-9' or '0,1,2'."),
+    extra_seeds: str = typer.Option("0-2", help="Seeds that also run the extra rows."),
+    rows: str = typer.Option("source_on_target,fair_source,at_like,vspa", help="Core rows (every seed)."),
+    extra_rows: str = typer.Option("mila_like,bg_only,oracle_on_target", help="Extra rows (--extra-seeds only)."),
     params: Path = typer.Option(Path("params.yaml"), help="Base params file."),
-    out: Path = typer.Option(Path("reports/bench/rows"), help="Output folder of rows.md / rows.json."),
+    out: Path = typer.Option(Path("reports/bench/rows"), help="Folder of rows.md / rows.json and per-seed metrics."),
+    work: Path = typer.Option(Path("models/bench"), help="Folder of the models and logs (not committed)."),
+    jobs: int = typer.Option(2, help="Seed chains at a time."),
+    threads: int = typer.Option(1, help="Threads per process (pinned; part of what a rerun must match)."),
 ) -> None:
     def body() -> None:
-        if not (DATA / "target_test" / "annotations.json").is_file():
-            raise VspaError(f"{DATA}: no benchmark data. Run `dvc repro prepare` (or `make repro`) first.")
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        row_list = [r.strip() for r in rows.split(",") if r.strip()]
-        results = {s: run_seed(s, row_list, params) for s in seed_list}
-        summary = summarise(results, row_list)
-        write_json_atomic(out / "rows.json", {"seeds": seed_list, "rows": summary, "gap_closed_pct": gap_closed(summary)})
-        write_text_atomic(out / "rows.md", render(summary, seed_list))
+        import torch
+
+        os.chdir(ROOT)
+        for split in SPLITS.values():
+            if not (DATA / split / "annotations.json").is_file():
+                raise VspaError(f"{DATA / split}: missing. Run `dvc repro prepare` (or `make repro`) first.")
+        core, extra = [r for r in rows.split(",") if r], [r for r in extra_rows.split(",") if r]
+        unknown = sorted(set(core + extra) - set(ORDER))
+        if unknown:
+            raise VspaError(f"--rows / --extra-rows: unknown row(s) {unknown}. Known: {', '.join(ORDER)}.")
+        seed_list, extra_list = parse_seeds(seeds), set(parse_seeds(extra_seeds))
+        meta = {"command": " ".join(["bench_rows.py", *sys.argv[1:]]) or "bench_rows.py", "jobs": jobs,
+                "threads": threads, "torch": torch.__version__,
+                "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}"}
+        start = time.perf_counter()
+        results: dict[int, dict] = {}
+        lock = threading.Lock()
+
+        def one(seed: int) -> tuple[int, dict]:
+            wanted = [r for r in ORDER if r in core or (seed in extra_list and r in extra)]
+            return seed, Chain(seed, wanted, params, out, work, threads).go()
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for future in as_completed([pool.submit(one, s) for s in seed_list]):
+                seed, res = future.result()
+                with lock:
+                    results[seed] = res
+                    meta["wall_seconds"] = round(time.perf_counter() - start, 1)
+                    report = write_tables(dict(sorted(results.items())), out, meta)
+                d = report["test"]["paired"].get("at_like", {}).get("vspa")
+                print(f"seed {seed} done ({meta['wall_seconds']:.0f} s); VSPA - AT-like over {len(results)} seed(s): "
+                      + ("-" if not d or d["mean"] is None else f"{d['mean']:+.2f}")
+                      + ("" if not d or d["ci"] is None else f", 95% CI +-{d['half_width']:.2f}"), flush=True)
         print((out / "rows.md").read_text())
 
     run_stage(body)

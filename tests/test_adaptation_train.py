@@ -344,3 +344,40 @@ def test_two_processes_adapt_in_sync(tiny_inputs, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # same gradients and the same (refreshed) memory
     assert (work / "memory_refresh.h5").is_file()
     assert [int(r["iteration"]) for r in read_rows(work / "losses.csv")] == [1, 2, 3]
+
+
+class NoTargetImages(torch.utils.data.Dataset):
+    """A target split whose images must not be read (the fair source-only baseline)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.class_names = dataset.class_names
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        raise AssertionError("the fair source-only run read a target image")
+
+
+def test_fair_source_only_reads_no_target_image_and_evaluates_the_ema(tiny_inputs, tmp_path):
+    from vspa.data.coco import DetectionDataset
+    from vspa.detection import checkpoint
+
+    torch.set_num_threads(1)
+    target = NoTargetImages(DetectionDataset(tiny_inputs["bench"] / "target_train" / "annotations.json"))
+    over = dict(iterations=3, lambda_unsup=0.0, lambda_img=0.0, fg_mode="off", bg_mode="off", refresh_every=0)
+    assert not AdaptConfig.from_params(dict(batch_size=2, lr=0.01, **over)).uses_target
+    student, teacher, summary = run_adapt({**tiny_inputs, "memory": None}, tmp_path, target=target, **over)
+    rows = read_rows(tmp_path / "losses.csv")
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["loss_unsup"]) == 0 and float(r["pseudo_per_image"]) == 0 for r in rows)
+    assert all(float(r["loss_sup"]) > 0 for r in rows)
+    source, _ = checkpoint.load(tiny_inputs["model"])
+    s, t, src = student.state_dict(), teacher.state_dict(), source.state_dict()
+    # the teacher is the EMA (keep 0.9): it moved from the source model, but less than the student did
+    moved = [k for k in src if src[k].is_floating_point() and not torch.equal(src[k], s[k])]
+    assert moved
+    for k in moved[:5]:
+        assert not torch.equal(t[k], s[k]) and not torch.equal(t[k], src[k])
+    assert sum((t[k] - src[k]).norm() for k in moved) < sum((s[k] - src[k]).norm() for k in moved)

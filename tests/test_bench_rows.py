@@ -1,40 +1,72 @@
-"""The seed aggregation of `make bench` on hand-made metrics."""
+"""The seed statistics of `make bench` (vspa.reporting.seeds) on hand-made metrics."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import math
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("bench_rows", Path(__file__).parents[1] / "benchmarks" / "bench_rows.py")
-bench_rows = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench_rows)
+from vspa.reporting import seeds
 
 
-def test_mean_and_sample_std_over_seeds():
+@pytest.mark.parametrize(("df", "expected"), [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)])
+def test_t_quantile_matches_the_table(df, expected):
+    assert seeds.t_quantile(0.975, df) == pytest.approx(expected, abs=2e-4)
+
+
+def test_t_quantile_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        seeds.t_quantile(0.4, 3)
+    with pytest.raises(ValueError):
+        seeds.t_quantile(0.975, 0)
+
+
+def test_paired_difference_hand_computed():
+    a, b = {0: 3.0, 1: 5.0, 2: 4.0, 7: 9.0}, {0: 1.0, 1: 2.0, 2: 3.0}  # seed 7 has no pair: left out
+    d = seeds.paired(a, b)
+    assert d["seeds"] == [0, 1, 2] and d["diffs"] == [2.0, 3.0, 1.0]
+    assert d["mean"] == pytest.approx(2.0) and d["sd"] == pytest.approx(1.0)
+    assert d["half_width"] == pytest.approx(4.3027 / math.sqrt(3), abs=1e-3)  # 2.484: the interval holds 0
+    assert d["ci"][0] < 0 < d["ci"][1] and d["verdict"] == "not shown"
+    tight = seeds.paired({s: 10.0 + 0.1 * (s % 2) for s in range(6)}, {s: 8.0 for s in range(6)})
+    assert tight["ci"][0] > 0 and tight["verdict"] == "shown"
+    worse = seeds.paired({s: 8.0 for s in range(6)}, {s: 10.0 + 0.1 * (s % 2) for s in range(6)})
+    assert worse["ci"][1] < 0 and worse["verdict"] == "shown"  # shown also when the row is worse
+    single = seeds.paired({0: 5.0}, {0: 1.0})
+    assert single["mean"] == 4.0 and single["ci"] is None and single["verdict"] == "not shown"
+
+
+def test_seeds_needed_inverts_the_half_width():
+    n = seeds.seeds_needed(2.7, 2.0)
+    assert seeds.t_quantile(0.975, n - 1) * 2.7 / math.sqrt(n) <= 2.0
+    assert seeds.t_quantile(0.975, n - 2) * 2.7 / math.sqrt(n - 1) > 2.0
+    assert n == 10
+
+
+def test_summary_table_and_gap_closed():
     results = {
-        0: {"vspa": {"mAP": 40.0, "AP": {"car": 50.0, "person": 30.0}}},
-        1: {"vspa": {"mAP": 44.0, "AP": {"car": 54.0, "person": 34.0}}},
+        s: {"source_on_target": {"mAP": 20.0 + s, "AP": {"car": 20.0, "person": None}},
+            "at_like": {"mAP": 44.0 + s, "AP": {"car": 50.0 + s, "person": 30.0}},
+            "vspa": {"mAP": 46.0 + s + 0.5 * (s == 1), "AP": {"car": 54.0, "person": 34.0}},
+            "oracle_on_target": {"mAP": 70.0 + s, "AP": {"car": 70.0, "person": 60.0}}}
+        for s in (0, 1, 2)
     }
-    summary = bench_rows.summarise(results, ["vspa"])
-    assert summary["vspa"]["mAP"]["mean"] == pytest.approx(42.0)
-    assert summary["vspa"]["mAP"]["std"] == pytest.approx(2.8284271, rel=1e-6)  # sqrt(((-2)^2 + 2^2) / 1)
-    assert summary["vspa"]["AP"]["car"]["values"] == [50.0, 54.0]
-    table = bench_rows.render(summary, [0, 1])
-    assert "| car | person | mAP |" in table
-    assert "| 52.0 ± 2.8 | 32.0 ± 2.8 | 42.0 ± 2.8 |" in table
+    rows = ["source_on_target", "at_like", "vspa", "oracle_on_target"]
+    summary = seeds.summarise(results, rows, ["at_like", "fair_source"])  # no fair_source row: no table for it
+    assert list(summary["paired"]) == ["at_like"]
+    assert summary["rows"]["at_like"]["mAP"]["mean"] == pytest.approx(45.0)
+    assert summary["rows"]["at_like"]["mAP"]["std"] == pytest.approx(1.0)
+    assert summary["rows"]["source_on_target"]["AP"]["person"]["n"] == 0  # no AP (no object): not averaged
+    d = summary["paired"]["at_like"]["vspa"]
+    assert d["diffs"] == pytest.approx([2.0, 2.5, 2.0]) and d["verdict"] == "shown"
+    assert seeds.gap_closed(summary)["vspa"] == pytest.approx(100 * (47.1667 - 21.0) / 50.0, abs=1e-3)
+    text = seeds.render(summary, {"vspa": "VSPA"})
+    assert "| VSPA | 3 | 54.0 ± 0.0 | 34.0 ± 0.0 | 47.2 ± 1.0 | 46.0, 47.5, 48.0 |" in text
+    assert "| VSPA | 3 | +2.17 | 0.29 |" in text and "| shown |" in text
 
 
-def test_gap_closed_from_the_mean_maps():
-    results = {
-        s: {"source_on_target": {"mAP": 20.0 + s, "AP": {"car": 20.0}},
-            "vspa": {"mAP": 45.0 + s, "AP": {"car": 45.0}},
-            "oracle_on_target": {"mAP": 70.0 + s, "AP": {"car": 70.0}}}
-        for s in (0, 2)
-    }
-    summary = bench_rows.summarise(results, ["source_on_target", "vspa", "oracle_on_target"])
-    assert bench_rows.gap_closed(summary) == {"vspa": pytest.approx(50.0)}  # (46 - 21) / (71 - 21)
-    assert "50.0%" in bench_rows.render(summary, [0, 2])
-    del summary["oracle_on_target"]
-    assert bench_rows.gap_closed(summary) == {}
+def test_plot_differences_writes_a_png(tmp_path):
+    results = {s: {"at_like": {"mAP": 40.0 + s, "AP": {}}, "vspa": {"mAP": 41.0 + 2 * s, "AP": {}}} for s in range(3)}
+    summary = seeds.summarise(results, ["at_like", "vspa"], ["at_like"])
+    seeds.plot_differences(summary, tmp_path / "d.png", {})
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"

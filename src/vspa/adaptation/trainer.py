@@ -237,6 +237,13 @@ class AdaptConfig:
         return self.lambda_img > 0
 
     @property
+    def uses_target(self) -> bool:
+        """False when no loss reads the target images (``lambda_unsup`` 0 and every alignment off): the fair
+        source-only baseline (source weak + strong views, EMA teacher), which then skips the teacher and every
+        target pass."""
+        return self.lambda_unsup > 0 or self.use_img or self.use_fg or self.use_bg
+
+    @property
     def use_pairing(self) -> bool:
         return self.use_fg and self.fg_mode == "pairing"
 
@@ -373,16 +380,19 @@ class StudentStep(nn.Module):
         nan = float("nan")
         diag = {"img_disc_acc": nan, "bg_disc_acc": nan, "fg_active": nan, "cos_ap": nan, "cos_an": nan}
 
-        tgt_list, tgt_t = det.prepare(tgt_strong, pseudo)
-        tgt_feats = det.backbone_features(tgt_list)
-        unsup = det.supervised_losses(tgt_list, tgt_feats, tgt_t)
-        out["unsup_objectness"] = unsup["loss_objectness"]
-        out["unsup_classifier"] = unsup["loss_classifier"]
-        out["loss_unsup"] = unsup["loss_objectness"] + unsup["loss_classifier"]
+        zero = out["loss_sup"].new_zeros(())
+        if cfg.uses_target:
+            tgt_list, tgt_t = det.prepare(tgt_strong, pseudo)
+            tgt_feats = det.backbone_features(tgt_list)
+            unsup = det.supervised_losses(tgt_list, tgt_feats, tgt_t)
+            out["unsup_objectness"] = unsup["loss_objectness"]
+            out["unsup_classifier"] = unsup["loss_classifier"]
+            out["loss_unsup"] = unsup["loss_objectness"] + unsup["loss_classifier"]
+        else:  # the fair source-only baseline: no target pass at all
+            out["unsup_objectness"] = out["unsup_classifier"] = out["loss_unsup"] = zero
         terms["unsup"] = cfg.lambda_unsup * out["loss_unsup"]
         total = out["loss_sup"] + terms["unsup"]
 
-        zero = total.new_zeros(())
         out["loss_img"] = out["loss_fg"] = out["loss_bg"] = zero
         out["fg_pairs"] = total.new_tensor(0.0)
         if not (cfg.use_img or cfg.use_fg or cfg.use_bg):
@@ -543,7 +553,11 @@ def _batch(data: AdaptData, cfg: AdaptConfig, iteration: int, positions: range, 
     src_weak, src_strong, src_targets, _ = _views(
         data.source, src_idx, positions, cfg.seed, iteration, _SRC_AUG, device
     )
-    tgt_weak, tgt_strong, _, tgt_pairs = _views(data.target, tgt_idx, positions, cfg.seed, iteration, _TGT_AUG, device)
+    tgt_weak, tgt_strong, tgt_pairs = [], [], []
+    if cfg.uses_target:  # the fair source-only baseline reads no target image
+        tgt_weak, tgt_strong, _, tgt_pairs = _views(
+            data.target, tgt_idx, positions, cfg.seed, iteration, _TGT_AUG, device
+        )
     if cfg.source_strong:
         return src_weak + src_strong, src_targets + src_targets, tgt_weak, tgt_strong, tgt_pairs
     return src_weak, src_targets, tgt_weak, tgt_strong, tgt_pairs
@@ -780,7 +794,8 @@ def adapt(
         step_module.iteration = it
         with _timer(device, t_iter):
             src_images, src_targets, tgt_weak, tgt_strong, tgt_pairs = _batch(data, cfg, it, positions, device)
-            pseudo = filter_pseudo_labels(teacher_detect(teacher, tgt_weak), cfg.tau)
+            # without a target loss (fair source only) there are no target images: the teacher is only the EMA
+            pseudo = filter_pseudo_labels(teacher_detect(teacher, tgt_weak), cfg.tau) if tgt_weak else []
             pseudo_targets = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
 
             torch.manual_seed(derive_seed(cfg.seed, it, ctx.rank, _SAMPLER))
@@ -790,13 +805,12 @@ def adapt(
                 losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator, tgt_pairs)
             else:
                 losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator)
-            losses["pseudo_per_image"] = losses["total"].new_tensor(
-                sum(len(p["labels"]) for p in pseudo) / len(pseudo)
-            )
+            n_tgt = max(len(pseudo), 1)
+            losses["pseudo_per_image"] = losses["total"].new_tensor(sum(len(p["labels"]) for p in pseudo) / n_tgt)
             # diagnostic only: the target's labels are compared with the pseudo-labels and logged, nothing more
             tp, n_pseudo, n_gt = diagnostics.pseudo_label_counts(pseudo, tgt_pairs)
             for key, value in (("pseudo_tp", tp), ("pseudo_n", n_pseudo), ("gt_n", n_gt)):
-                losses[key] = losses["total"].new_tensor(value / len(pseudo))
+                losses[key] = losses["total"].new_tensor(value / n_tgt)
             terms = losses.pop("terms")
             names = [c for c in CSV_COLUMNS + diagnostics.ITER_COLUMNS if c in losses and c != "time_align"]
             names = list(dict.fromkeys(names))

@@ -20,7 +20,10 @@ from vspa.utils import VspaError, write_json_atomic, write_text_atomic
 ROW_DESCRIPTIONS: dict[str, str] = {
     "source_on_source": "Source only, tested on the source domain",
     "source_on_target": "Source only (no adaptation)",
+    "fair_source": "Source only + strong aug + EMA (fair baseline, no target image)",
     "at_like": "Mean teacher + image-level adversarial (AT-like, no memory)",
+    "mila_like": "AT-like + memory foreground alignment only (MILA-like)",
+    "bg_only": "AT-like + memory background alignment only",
     "vspa": "VSPA: mean teacher + memory fg/bg alignment (ours)",
     "oracle_on_target": "Oracle (trained on target labels)",
     "translate_cut": "Translator without attention (CUT-like) + frozen source detector",
