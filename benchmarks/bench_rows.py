@@ -43,7 +43,7 @@ from vspa.reporting import seeds as seedstats  # noqa: E402
 from vspa.reporting.tables import ROW_DESCRIPTIONS  # noqa: E402
 from vspa.utils import VspaError, run_stage, write_json_atomic, write_text_atomic  # noqa: E402
 
-DATA = Path("data/benchmark")
+DATA = Path("data/benchmark")  # --data
 ADAPT_ROWS = ("fair_source", "at_like", "vspa", "mila_like", "bg_only")
 ORDER = ("source_on_target", "fair_source", "at_like", "mila_like", "bg_only", "vspa", "oracle_on_target")
 REFERENCES = ("at_like", "fair_source")
@@ -62,8 +62,8 @@ def parse_seeds(text: str) -> list[int]:
 class Chain:
     """One seed's runs; every command is a stage script in a child process pinned to ``threads`` threads."""
 
-    def __init__(self, seed: int, rows: list[str], params: Path, out: Path, work: Path, threads: int):
-        self.seed, self.rows, self.threads = seed, rows, threads
+    def __init__(self, seed: int, rows: list[str], params: Path, out: Path, work: Path, threads: int, snapshot: int):
+        self.seed, self.rows, self.threads, self.snapshot = seed, rows, threads, snapshot
         self.models, self.reports = work / f"seed{seed}", out / f"seed{seed}"
         self.params = self.reports / "params.yaml"
         base = yaml.safe_load(params.read_text())
@@ -71,6 +71,7 @@ class Chain:
             base.setdefault(section, {})["seed"] = seed
         for section in ("pretrain", "oracle", "adapt", "subsample", "evaluate", "extract_memory"):
             base.setdefault(section, {})["device"] = "cpu"
+        base["adapt"]["snapshot_every"] = snapshot
         self.reports.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.params, yaml.safe_dump(base, sort_keys=False))
         self.seconds: dict[str, float] = {}
@@ -125,6 +126,16 @@ class Chain:
                           row, "--metrics-dir", str(metrics_dir), "--plots-dir", str(m / "pr" / split_key)],
                          metrics_dir / f"{row}.json")
                 results.setdefault(split_key, {})[row] = json.loads((metrics_dir / f"{row}.json").read_text())
+        # the iteration budget, judged on validation only: the teacher's snapshots of each adaptation run
+        for row in adapt_rows:
+            for snap in sorted((m / "adapt" / row / "work").glob("teacher_*.pt")):
+                name = f"{row}@{snap.stem.split('_')[1]}"
+                metrics_dir = r / "metrics_val_budget"
+                self.run(f"evaluate_{name}_val", ["stages/evaluate.py", "--model", str(snap), "--data",
+                                                  str(DATA / SPLITS["val"]), "--name", name, "--metrics-dir",
+                                                  str(metrics_dir), "--plots-dir", str(m / "pr" / "budget")],
+                         metrics_dir / f"{name}.json")
+                results.setdefault("budget", {})[name] = json.loads((metrics_dir / f"{name}.json").read_text())
         if self.seconds:
             times = r / "seconds.json"
             old = json.loads(times.read_text()) if times.is_file() else {}
@@ -145,6 +156,24 @@ def write_tables(results: dict[int, dict], out: Path, meta: dict) -> dict:
         write_text_atomic(out / ("rows.md" if split_key == "test" else f"rows_{split_key}.md"), head + text)
         if split_key == "test":
             seedstats.plot_differences(summary, out / "diffs.png", ROW_DESCRIPTIONS)
+    budget = {s: results[s].get("budget", {}) for s in results}
+    names = sorted({n for b in budget.values() for n in b}, key=lambda n: (ORDER.index(n.split("@")[0]),
+                                                                        int(n.split("@")[1])))
+    if names:  # each row's snapshots beside its final model, on validation: mean, and paired against the final
+        finals = {s: {**budget[s], **{f"{r}@final": m for r, m in results[s]["val"].items()}} for s in results}
+        rows_b = [n for r in ORDER if any(x.startswith(f"{r}@") for x in names)
+                  for n in [*(x for x in names if x.startswith(f"{r}@")), f"{r}@final"]]
+        summary = seedstats.summarise(finals, rows_b, [])
+        for r in {n.split("@")[0] for n in names}:
+            ref = summary["rows"].get(f"{r}@final")
+            if ref:
+                for n in (x for x in names if x.startswith(f"{r}@")):
+                    summary["paired"].setdefault(f"{r}@final", {})[n] = seedstats.paired(
+                        summary["rows"][n]["mAP"]["values"], ref["mAP"]["values"])
+        report["budget_val"] = summary
+        write_text_atomic(out / "budget_val.md", "Iteration budget on target validation: each adaptation run's teacher "
+                          "at the snapshot iterations and at the end (`@final`); paired against `@final`.\n\n"
+                          + seedstats.render(summary, {}, split="target validation"))
     write_json_atomic(out / "rows.json", report)
     return report
 
@@ -159,10 +188,15 @@ def main(
     work: Path = typer.Option(Path("models/bench"), help="Folder of the models and logs (not committed)."),
     jobs: int = typer.Option(2, help="Seed chains at a time."),
     threads: int = typer.Option(1, help="Threads per process (pinned; part of what a rerun must match)."),
+    data: Path = typer.Option(DATA, help="The benchmark's split folders (the pipeline's prepare output)."),
+    snapshot_every: int = typer.Option(200, help="Keep each adaptation run's teacher every N iterations and "
+                                       "evaluate it on validation (the iteration budget study; 0 = off)."),
 ) -> None:
     def body() -> None:
         import torch
 
+        global DATA
+        DATA = data.resolve()
         os.chdir(ROOT)
         for split in SPLITS.values():
             if not (DATA / split / "annotations.json").is_file():
@@ -181,7 +215,7 @@ def main(
 
         def one(seed: int) -> tuple[int, dict]:
             wanted = [r for r in ORDER if r in core or (seed in extra_list and r in extra)]
-            return seed, Chain(seed, wanted, params, out, work, threads).go()
+            return seed, Chain(seed, wanted, params, out, work, threads, snapshot_every).go()
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for future in as_completed([pool.submit(one, s) for s in seed_list]):

@@ -155,6 +155,9 @@ class AdaptConfig:
     refresh_every: int = 0  # 0: never refresh the memory
     refresh_model: str = "student"  # student | teacher
     checkpoint_every: int = 50
+    # also keep the teacher every N iterations as work_dir/teacher_<N>.pt (0 = never): for choosing the iteration
+    # budget on target validation from one run (benchmarks/bench_rows.py evaluates them); not part of the record
+    snapshot_every: int = 0
     # fg_mode pairing only (the AugSim -> FoggyAugSim experiment; see vspa.adaptation.pairing)
     pairing_mode: str = "exact"  # exact | color | flip | color_flip: what a target object's positive differs in
     pairing_original: str = ""  # the original source split folder (every object as it is, variant "none")
@@ -211,6 +214,7 @@ class AdaptConfig:
             (self.refresh_every >= 0, "refresh_every must be >= 0 (0 = never)"),
             (self.refresh_model in REFRESH_MODELS, f"refresh_model must be one of {', '.join(REFRESH_MODELS)}"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.snapshot_every >= 0, "snapshot_every must be >= 0 (0 = never)"),
             (self.pairing_mode in PAIRING_MODES, f"pairing_mode must be one of {', '.join(PAIRING_MODES)}"),
         ]
         for ok, message in checks:
@@ -255,6 +259,8 @@ class AdaptConfig:
         """The configuration as a plain dict; the ``pairing_*`` keys only with ``fg_mode: pairing`` (so the
         records and resume fingerprints of the other modes are what they were before that mode existed)."""
         out = dataclasses.asdict(self)
+        if not self.snapshot_every:  # records of runs without snapshots stay as they were
+            out.pop("snapshot_every")
         if self.fg_mode != "pairing":
             out = {k: v for k, v in out.items() if not k.startswith("pairing_")}
         return out
@@ -862,6 +868,11 @@ def adapt(
                 )
                 step_module.pairing_bank = pair_bank
             refresh_seconds.append(time.perf_counter() - refresh_start)
+        if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.iterations and ctx.is_main:
+            from vspa.detection import checkpoint as detector_checkpoint
+
+            detector_checkpoint.save(work_dir / f"teacher_{done}.pt", teacher, teacher.cfg,
+                                     list(data.source.class_names), extra={"stage": "adapt", "snapshot": done})
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             checkpoint(done)
     bar.close()
