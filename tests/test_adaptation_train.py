@@ -381,3 +381,18 @@ def test_fair_source_only_reads_no_target_image_and_evaluates_the_ema(tiny_input
     for k in moved[:5]:
         assert not torch.equal(t[k], s[k]) and not torch.equal(t[k], src[k])
     assert sum((t[k] - src[k]).norm() for k in moved) < sum((s[k] - src[k]).norm() for k in moved)
+
+
+def test_snapshots_are_the_teacher_at_that_iteration(tiny_inputs, tmp_path):
+    from vspa.detection import checkpoint
+
+    torch.set_num_threads(1)
+    assert "snapshot_every" not in AdaptConfig(iterations=2, batch_size=2, lr=0.01).record()  # records unchanged
+    _, short, _ = run_adapt(tiny_inputs, tmp_path / "short", iterations=2, refresh_every=0)
+    _, _, _ = run_adapt(tiny_inputs, tmp_path / "long", iterations=4, refresh_every=0, snapshot_every=2)
+    assert sorted(p.name for p in (tmp_path / "long").glob("teacher_*.pt")) == ["teacher_2.pt"]  # not the final
+    snap, meta = checkpoint.load(tmp_path / "long" / "teacher_2.pt")
+    assert meta["extra"]["snapshot"] == 2
+    a, b = snap.state_dict(), short.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "short").glob("teacher_*.pt"))
