@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python ...` through the shell: the venv's interpreter must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro augsim test test-slow bench clean-venv
+.PHONY: repro augsim test test-slow bench gpu-check clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench: $(STAMP)
 	@test -d .dvc || $(BIN)/dvc init --quiet
 	$(BIN)/dvc repro prepare
 	$(BIN)/python benchmarks/bench_rows.py --seeds 0,1,2
+
+# On a GPU node, before a long run: every training stage for 30 iterations on CUDA (finite losses, seconds per
+# iteration, peak GPU memory) -> reports/bench/gpu_check/gpu_check.md. `make gpu-check AMP=1`: mixed precision.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --device cuda $(if $(AMP),--amp,)
 
 clean-venv:
 	rm -rf $(VENV)

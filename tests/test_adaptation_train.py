@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -396,3 +397,13 @@ def test_snapshots_are_the_teacher_at_that_iteration(tiny_inputs, tmp_path):
     a, b = snap.state_dict(), short.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list((tmp_path / "short").glob("teacher_*.pt"))
+
+
+def test_adaptation_with_amp_runs_and_keeps_the_scaler(tiny_inputs, tmp_path):
+    torch.set_num_threads(1)
+    _, teacher, summary = run_adapt(tiny_inputs, tmp_path, iterations=2, refresh_every=0, amp=True)
+    rows = read_rows(tmp_path / "losses.csv")
+    assert len(rows) == 2 and all(math.isfinite(float(r["total"])) for r in rows)
+    assert all(float(r["loss_fg"]) > 0 for r in rows)  # the alignment terms ran under autocast too
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["scaler"]["scale"] > 0

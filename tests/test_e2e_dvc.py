@@ -73,7 +73,8 @@ def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     stages = set(lock["stages"])
     assert {"prepare", "pretrain", "oracle", "extract_memory", "subsample", "adapt@vspa", "report"} <= stages
-    rows = ("source_on_source", "source_on_target", "oracle_on_target", "at_like", "vspa")
+    rows = ("source_on_source", "source_on_target", "oracle_on_target", "fair_source", "at_like", "mila_like",
+            "bg_only", "vspa")
     for name in rows + ("translate_cut", "translate_attention", "translate_attention_lg"):
         metrics = json.loads((repo / "reports" / "metrics" / f"{name}.json").read_text())
         assert 0.0 <= metrics["mAP"] <= 100.0
@@ -91,9 +92,13 @@ def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
     table = (repo / "reports" / "comparison.md").read_text()
     from vspa.reporting.tables import ROW_DESCRIPTIONS
 
-    for row in ("source_on_target", "at_like", "vspa", "oracle_on_target"):
+    for row in ("source_on_target", "fair_source", "at_like", "vspa", "oracle_on_target"):
         assert ROW_DESCRIPTIONS[row] in table, table
     assert "missing" not in table
+    rows_table = (repo / "reports" / "comparison_rows.md").read_text()  # every protocol row, seed 0
+    assert all(ROW_DESCRIPTIONS[r] in rows_table for r in rows if r != "source_on_source") and "missing" not in rows_table
+    fair = json.loads((repo / "reports" / "adapt" / "fair_source" / "summary.json").read_text())
+    assert fair["pseudo_labels_per_image"] == 0  # no target image was read
     assert "missing" not in (repo / "reports" / "comparison_all.md").read_text()
 
 
@@ -168,6 +173,8 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     # The scenario presets fill every null param: editing one must rerun the stages that read them (the
     # adaptation runs included), and nothing else. The augmentations are code of every training stage.
     pairing = {f"adapt_pairing@{m}_s{s}" for m in ("exact", "color", "flip", "color_flip") for s in (0, 1)}
-    training = {"pretrain", "oracle", "pretrain_augsim", "adapt@at_like", "adapt@vspa", *pairing}
+    adapt_rows = {f"adapt@{r}" for r in ("fair_source", "at_like", "vspa", "mila_like", "bg_only")}
+    training = {"pretrain", "oracle", "pretrain_augsim", *adapt_rows, *pairing}
     assert changed_after_edit("src/vspa/presets/synth_fog.yaml") == {"prepare", *training}
     assert training <= changed_after_edit("src/vspa/data/transforms.py")
+    assert changed_after_edit("src/vspa/training/precision.py") == training  # mixed precision: the training loops

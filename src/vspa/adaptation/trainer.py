@@ -81,6 +81,7 @@ from vspa.detection.model import LOSS_NAMES, Detector
 from vspa.detection.train import WARMUP_FACTOR, derive_seed, global_batch
 from vspa.memory.retrieval import Retriever
 from vspa.memory.store import MemoryBank, open_memory
+from vspa.training.precision import Precision
 from vspa.utils import (
     VspaError,
     rng_state,
@@ -158,6 +159,7 @@ class AdaptConfig:
     # also keep the teacher every N iterations as work_dir/teacher_<N>.pt (0 = never): for choosing the iteration
     # budget on target validation from one run (benchmarks/bench_rows.py evaluates them); not part of the record
     snapshot_every: int = 0
+    amp: bool = False  # mixed precision (autocast + gradient scaling; for CUDA): vspa.training.precision
     # fg_mode pairing only (the AugSim -> FoggyAugSim experiment; see vspa.adaptation.pairing)
     pairing_mode: str = "exact"  # exact | color | flip | color_flip: what a target object's positive differs in
     pairing_original: str = ""  # the original source split folder (every object as it is, variant "none")
@@ -259,8 +261,9 @@ class AdaptConfig:
         """The configuration as a plain dict; the ``pairing_*`` keys only with ``fg_mode: pairing`` (so the
         records and resume fingerprints of the other modes are what they were before that mode existed)."""
         out = dataclasses.asdict(self)
-        if not self.snapshot_every:  # records of runs without snapshots stay as they were
-            out.pop("snapshot_every")
+        for key in ("snapshot_every", "amp"):  # records of runs without them stay as they were
+            if not out[key]:
+                out.pop(key)
         if self.fg_mode != "pairing":
             out = {k: v for k, v in out.items() if not k.startswith("pairing_")}
         return out
@@ -422,7 +425,10 @@ class StudentStep(nn.Module):
             terms["img"] = weight * out["loss_img"]
             total = total + terms["img"]
         if cfg.use_fg or cfg.use_bg:
-            with _timer(total.device, times):
+            # memory retrieval and the alignment losses in full precision, also under mixed precision (``amp``):
+            # the memory is float32, and a nearest neighbour should not depend on a 16-bit rounding
+            al_feats = {k: v.float() for k, v in al_feats.items()}
+            with _timer(total.device, times), torch.autocast(total.device.type, enabled=False):
                 source = None
                 if cfg.use_fg and self.aligner.needs_source_instances:
                     source = self._source_instances(src_list, src_feats, src_t, n_weak)
@@ -518,7 +524,7 @@ class StudentStep(nn.Module):
 
     def _source_instances(self, src_list, src_feats: dict, src_t: list[dict], n: int) -> SourceInstances:
         """In-batch source instances (ground-truth boxes of the ``n`` weak views) and backgrounds, detached."""
-        feats = {k: v[:n].detach() for k, v in src_feats.items()}
+        feats = {k: v[:n].detach().float() for k, v in src_feats.items()}
         sizes = src_list.image_sizes[:n]
         boxes = [t["boxes"] for t in src_t[:n]]
         with torch.no_grad():
@@ -702,6 +708,7 @@ def adapt(
     step_module = StudentStep(student, cfg).to(device)
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    precision = Precision(cfg.amp, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
     inputs = data.fingerprint
     if cfg.use_pairing:
@@ -730,6 +737,7 @@ def adapt(
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        precision.load_state_dict(state.get("scaler"))
         if state["memory"] is not None:
             bank = _bank_from_state(state["memory"])
         set_rng_state(state["rng"])
@@ -772,6 +780,7 @@ def adapt(
                     "teacher": teacher.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    **({"scaler": precision.state_dict()} if precision.enabled else {}),
                     "memory": _bank_state(bank) if bank is not None and bank.path != data.memory_path else None,
                     "pairing": pair_bank.state_dict() if pair_bank is not None else None,
                     "rng": rng_state(),
@@ -801,16 +810,20 @@ def adapt(
         with _timer(device, t_iter):
             src_images, src_targets, tgt_weak, tgt_strong, tgt_pairs = _batch(data, cfg, it, positions, device)
             # without a target loss (fair source only) there are no target images: the teacher is only the EMA
-            pseudo = filter_pseudo_labels(teacher_detect(teacher, tgt_weak), cfg.tau) if tgt_weak else []
+            with precision.autocast():
+                detections = teacher_detect(teacher, tgt_weak) if tgt_weak else []
+            pseudo = filter_pseudo_labels([{k: v.float() if k != "labels" else v for k, v in d.items()}
+                                           for d in detections], cfg.tau)
             pseudo_targets = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
 
             torch.manual_seed(derive_seed(cfg.seed, it, ctx.rank, _SAMPLER))
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, it, ctx.rank, _ALIGN))
             lr = optimizer.param_groups[0]["lr"]
-            if cfg.use_pairing:
-                losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator, tgt_pairs)
-            else:
-                losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator)
+            with precision.autocast():
+                if cfg.use_pairing:
+                    losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator, tgt_pairs)
+                else:
+                    losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator)
             n_tgt = max(len(pseudo), 1)
             losses["pseudo_per_image"] = losses["total"].new_tensor(sum(len(p["labels"]) for p in pseudo) / n_tgt)
             # diagnostic only: the target's labels are compared with the pseudo-labels and logged, nothing more
@@ -832,11 +845,12 @@ def adapt(
             sample = bool(cfg.diag_every) and it % cfg.diag_every == 0 and not ctx.enabled
             with _timer(device, t_backward):
                 if sample:  # the same gradient, term by term, with each term's norm on the detector
-                    shares = diagnostics.shares(diagnostics.term_gradients(terms, params, detector_ids))
+                    scaled = {k: precision.scale(v) if v.requires_grad else v for k, v in terms.items()}
+                    shares = diagnostics.shares(diagnostics.term_gradients(scaled, params, detector_ids))
                 else:
-                    losses["total"].backward()
+                    precision.backward(losses["total"])
                     shares = {k: float("nan") for k in diagnostics.SHARE_COLUMNS[1:-1]}
-            optimizer.step()
+            precision.step(optimizer)
             scheduler.step()
             ema_update(teacher, student, cfg.ema_keep)
         rows.append(

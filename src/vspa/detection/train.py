@@ -33,6 +33,7 @@ from vspa.data import transforms
 from vspa.data.coco import DetectionDataset, dataset_sha256
 from vspa.detection import checkpoint, distributed
 from vspa.detection.model import LOSS_NAMES, Detector, DetectorConfig, build_detector
+from vspa.training.precision import Precision
 from vspa.utils import VspaError, save_torch_atomic, seed_everything, sha256_json, write_text_atomic
 
 WARMUP_FACTOR = 0.001  # lr multiplier at iteration 0, rising linearly to 1 at warmup_iters
@@ -58,6 +59,7 @@ class TrainConfig:
     lr_steps: list[int] = field(default_factory=list)  # iterations at which lr is multiplied by 0.1
     strong_aug: bool = True
     checkpoint_every: int = 100
+    amp: bool = False  # mixed precision (autocast + gradient scaling; for CUDA): vspa.training.precision
 
     @classmethod
     def from_params(cls, section: dict, name: str = "pretrain", path: str = "params.yaml") -> "TrainConfig":
@@ -79,6 +81,8 @@ class TrainConfig:
             cfg.warmup_iters, cfg.checkpoint_every = int(cfg.warmup_iters), int(cfg.checkpoint_every)
             cfg.lr, cfg.momentum, cfg.weight_decay = float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay)
             cfg.lr_steps = [int(s) for s in (cfg.lr_steps or [])]
+            if not isinstance(cfg.strong_aug, bool) or not isinstance(cfg.amp, bool):
+                raise TypeError("strong_aug and amp must be true or false")
         except (TypeError, ValueError) as exc:
             raise VspaError(f"{path}: section '{name}:' has a value of the wrong type ({exc}).") from exc
         checks = [
@@ -95,6 +99,13 @@ class TrainConfig:
             if not ok:
                 raise VspaError(f"{path}: {name}.{message}.")
         return cfg
+
+    def record(self) -> dict:
+        """The configuration as a plain dict; ``amp`` only when on (so records of fp32 runs are as before)."""
+        out = dataclasses.asdict(self)
+        if not self.amp:
+            out.pop("amp")
+        return out
 
     def lr_factor(self, iteration: int) -> float:
         """Multiplier of ``lr`` at a 0-based iteration: linear warm-up, then x0.1 at each step passed."""
@@ -134,7 +145,7 @@ def _augment(image: torch.Tensor, target: dict, generator: torch.Generator, stro
 
 def _fingerprint(cfg: TrainConfig, detector: Detector, dataset_id: str) -> str:
     """What a resumed run must share with the run that wrote the checkpoint."""
-    train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "checkpoint_every")}
+    train = {k: v for k, v in cfg.record().items() if k not in ("device", "checkpoint_every")}
     return sha256_json(
         {"train": train, "model": detector.cfg.to_dict(), "num_classes": detector.num_classes, "data": dataset_id}
     )
@@ -200,6 +211,7 @@ def train_detector(
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
     fingerprint = _fingerprint(cfg, detector, dataset_id or f"{len(dataset)} items")
+    precision = Precision(cfg.amp, ctx.device)
 
     start, rows = 0, []
     state = _load_state(state_path, fingerprint) if state_path.is_file() else None
@@ -207,6 +219,7 @@ def train_detector(
         detector.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        precision.load_state_dict(state.get("scaler"))
         start, rows = int(state["iteration"]), list(state["rows"])
         if ctx.is_main:
             print(f"[train] resuming from {state_path} at iteration {start}/{cfg.iterations}", file=sys.stderr)
@@ -225,6 +238,7 @@ def train_detector(
                     "model": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
+                    **({"scaler": precision.state_dict()} if precision.enabled else {}),
                     "rows": rows,
                 },
                 state_path,
@@ -253,8 +267,9 @@ def train_detector(
         torch.manual_seed(derive_seed(cfg.seed, it, ctx.rank, _SAMPLER))
         lr = optimizer.param_groups[0]["lr"]
 
-        losses = model(images, targets)
-        total = sum(losses[k] for k in LOSS_NAMES)
+        with precision.autocast():
+            losses = model(images, targets)
+        total = sum(losses[k].float() for k in LOSS_NAMES)
         logged = distributed.all_reduce_mean(torch.stack([losses[k] for k in LOSS_NAMES] + [total]), ctx).cpu()
         if not torch.isfinite(logged).all():
             raise VspaError(
@@ -263,8 +278,8 @@ def train_detector(
                 f"Lower the learning rate (lr, now {cfg.lr:g}) or lengthen warmup_iters ({cfg.warmup_iters})."
             )
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        precision.backward(total)
+        precision.step(optimizer)
         scheduler.step()
 
         values = logged.tolist()
@@ -319,7 +334,7 @@ def run_training_stage(
     if ctx.is_main:
         extra = {
             "stage": section,
-            "train": dataclasses.asdict(train_cfg),
+            "train": train_cfg.record(),
             "data": str(data_dir),
             "data_sha256": data_hash,
             "scenario": params["scenario"],

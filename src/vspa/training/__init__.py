@@ -1,0 +1,1 @@
+"""Plumbing shared by the training loops (pretrain / oracle, adaptation, translator)."""
