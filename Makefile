@@ -31,11 +31,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# Every row of the comparison table with 3 training seeds: reports/bench/rows/rows.md (slow: about 45 min on 2 cores, estimated from the stage times).
+# The comparison protocol: every row over paired training seeds (a seed fixes the source detector and every
+# run made from it), two seed chains at a time, each process pinned to one thread; paired differences with 95%
+# intervals in reports/bench/rows/rows.md. Slow (about 15 min per seed of the core rows on 2 cores, 25 with the
+# extra rows); resumable: a seed whose metrics are committed is not run again. SEEDS / EXTRA_SEEDS to change.
+SEEDS ?= 0-9
+EXTRA_SEEDS ?= 0-2
 bench: $(STAMP)
 	@test -d .dvc || $(BIN)/dvc init --quiet
 	$(BIN)/dvc repro prepare
-	$(BIN)/python benchmarks/bench_rows.py --seeds 0,1,2
+	$(BIN)/python benchmarks/bench_rows.py --seeds $(SEEDS) --extra-seeds $(EXTRA_SEEDS)
 
 # On a GPU node, before a long run: every training stage for 30 iterations on CUDA (finite losses, seconds per
 # iteration, peak GPU memory) -> reports/bench/gpu_check/gpu_check.md. `make gpu-check AMP=1`: mixed precision.

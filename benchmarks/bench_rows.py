@@ -73,7 +73,12 @@ class Chain:
             base.setdefault(section, {})["device"] = "cpu"
         base["adapt"]["snapshot_every"] = snapshot
         self.reports.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.params, yaml.safe_dump(base, sort_keys=False))
+        text = yaml.safe_dump(base, sort_keys=False)
+        if self.params.is_file() and self.params.read_text() != text and any(self.reports.glob("metrics*/*.json")):
+            raise VspaError(f"{self.params}: seed {seed} was run with other params than {params} gives now; its "
+                            f"results would be mixed with new ones. Move {self.reports} (and {self.models}) away, "
+                            f"or restore those params.")
+        write_text_atomic(self.params, text)
         self.seconds: dict[str, float] = {}
 
     def run(self, step: str, args: list[str], done: Path) -> None:
@@ -93,7 +98,24 @@ class Chain:
             raise VspaError(f"seed {self.seed}, {step} failed (exit {proc.returncode}); see {log}:\n" + "\n".join(tail))
         self.seconds[step] = round(time.perf_counter() - start, 1)
 
+    def finished(self) -> dict[str, dict[str, dict]] | None:
+        """The seed's committed metrics when every row has them on test and validation (a fresh checkout
+        without the models reuses them instead of training again), else None."""
+        results: dict[str, dict[str, dict]] = {}
+        for split_key in SPLITS:
+            metrics_dir = self.reports / ("metrics" if split_key == "test" else f"metrics_{split_key}")
+            files = [metrics_dir / f"{row}.json" for row in self.rows]
+            if not all(f.is_file() for f in files):
+                return None
+            results[split_key] = {row: json.loads(f.read_text()) for row, f in zip(self.rows, files)}
+        for f in sorted((self.reports / "metrics_val_budget").glob("*.json")):
+            results.setdefault("budget", {})[f.stem] = json.loads(f.read_text())
+        return results
+
     def go(self) -> dict[str, dict[str, dict]]:
+        done = self.finished()
+        if done is not None:
+            return done
         m, r = self.models, self.reports
         source, oracle, memory = m / "source/model.pt", m / "oracle/model.pt", m / "memory/subsampled.h5"
         self.run("pretrain", ["stages/pretrain.py", "--out", str(source), "--log", str(m / "logs/pretrain_losses.csv"),
