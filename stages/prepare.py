@@ -104,6 +104,7 @@ def prepare(params_path: str, out: Path, summary_path: Path, workers: int, progr
                 fog_airlight=cfg.get("fog_airlight"),
                 workers=workers,
                 progress=progress,
+                diversity=cfg.get("diversity") or "standard",
             )
             summary["source"] = "synth"
         elif source == "coco":

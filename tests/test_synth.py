@@ -304,3 +304,43 @@ def test_target_val_is_its_own_stream_and_leaves_the_other_splits_unchanged(tiny
     with pytest.raises(VspaError, match="target_val"):
         generate_benchmark(tmp_path / "bad", "synth_fog", {**TINY_SIZES, "source_val": 3}, seed=0, height=TINY_HEIGHT,
                            width=TINY_WIDTH, fog_beta=0.04, fog_airlight=0.8, workers=1, progress=False)
+
+
+def test_high_diversity_patterns_stretches_and_a_rare_class(tmp_path):
+    """prepare.diversity: high is deterministic, labels stay tight (boxes = visible masks), every object gets a
+    pattern, truck becomes rare, and colours spread over the hue circle; standard is the benchmark as before."""
+    sizes = {"source_train": 40, "source_test": 0, "target_train": 2, "target_test": 0}
+    high = generate_benchmark(tmp_path / "high", "synth_fog", sizes, 0, 96, 192, 0.04, 0.8, workers=1,
+                              progress=False, diversity="high")
+    std = generate_benchmark(tmp_path / "std", "synth_fog", sizes, 0, 96, 192, 0.04, 0.8, workers=1, progress=False)
+    assert high["diversity"] == "high" and "diversity" not in std  # standard summaries and files as before
+    data = _annotations(tmp_path / "high" / "source_train")
+    assert data["info"]["diversity"] == "high"
+    anns = data["annotations"]
+    patterns = [a["attributes"]["pattern"] for a in anns]
+    assert set(patterns) == {"plain", "two_tone", "stripes", "checks", "speckles"}
+    assert all("pattern" not in a["attributes"] for a in _annotations(tmp_path / "std" / "source_train")["annotations"])
+    def truck_share(summary):
+        split = summary["splits"]["source_train"]
+        return split["per_class"]["truck"] / split["objects"]
+
+    assert truck_share(high) < 0.12 < truck_share(std)
+    import colorsys
+
+    def hue_bins(annotations, cls_id):
+        hues = [colorsys.rgb_to_hsv(*(c / 255 for c in a["attributes"]["color"]))[0] for a in annotations
+                if a["category_id"] == cls_id]
+        return len({int(h * 12) % 12 for h in hues})
+
+    assert hue_bins(anns, 1) >= 10  # cars of (nearly) every hue
+    for img in data["images"]:  # tight boxes of the (stretched, patterned) visible masks
+        inst = _png(tmp_path / "high" / "source_train" / img["instance_file"])
+        for a in (a for a in anns if a["image_id"] == img["id"]):
+            ys, xs = np.nonzero(inst == a["instance_value"])
+            assert a["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+    again = render_image("synth_fog", "source_train", 3, 0, 96, 192, 0.04, 0.8, "high")
+    ref = np.array(Image.open(tmp_path / "high" / "source_train" / "images" / "000003.png"))
+    assert np.array_equal(again.image, ref)
+    assert not np.array_equal(render_image("synth_fog", "source_train", 3, 0, 96, 192, 0.04, 0.8).image, ref)
+    with pytest.raises(VspaError, match="prepare.diversity"):
+        generate_benchmark(tmp_path / "bad", "synth_fog", sizes, 0, 96, 192, 0.04, 0.8, diversity="extreme")

@@ -74,6 +74,14 @@ OBJECT_ID_SPLIT_STRIDE = 10_000_000
 OBJECT_ID_IMAGE_STRIDE = 100
 MAX_IMAGES_PER_SPLIT = OBJECT_ID_SPLIT_STRIDE // OBJECT_ID_IMAGE_STRIDE
 CLASS_PROBS = {"car": 0.5, "person": 0.28, "truck": 0.22}
+# Within-class appearance diversity (``prepare.diversity``): ``standard`` is the benchmark as it always was;
+# ``high`` gives every object a colour of any hue, saturation and value, one of several surface patterns
+# (plain, two-tone, stripes, checks, speckles) in a second colour, body proportions stretched by 0.8-1.25 in
+# height and 0.85-1.2 in width, and makes truck a rare class. Where instance-level alignment should matter
+# (paper 3.2): many looks per class, so the nearest source object says more than the class mean.
+DIVERSITY = ("standard", "high")
+CLASS_PROBS_HIGH = {"car": 0.62, "person": 0.32, "truck": 0.06}
+PATTERNS = ("plain", "two_tone", "stripes", "checks", "speckles")
 FOCAL_PER_WIDTH = 0.9
 
 
@@ -589,11 +597,41 @@ def _sample_placement(rng, cls: str, road: dict, min_depth: float) -> tuple[floa
     return road["centre"] + lateral, depth, orientation
 
 
-def _objects(rng, canvas: Canvas, road: dict, style: Style, classes: tuple[str, ...]) -> list[dict]:
+def _vary(rng, sprite: Sprite, colour: np.ndarray) -> str:
+    """``diversity: high``: a surface pattern in a second colour on the body-coloured pixels, then the body
+    proportions stretched (nearest-neighbour, in place). Returns the pattern's name."""
+    pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+    second = _hsv(rng, (0.0, 1.0), (0.1, 1.0))
+    body = sprite.mask & np.all(sprite.rgb == colour, axis=-1)
+    ys, xs = np.mgrid[0 : sprite.h, 0 : sprite.w]
+    period = max(2, int(round(sprite.h * rng.uniform(0.08, 0.2))))
+    if pattern == "two_tone":
+        where = ys < sprite.h * rng.uniform(0.35, 0.65)
+    elif pattern == "stripes":
+        where = ((xs if rng.random() < 0.5 else ys) // period) % 2 == 1
+    elif pattern == "checks":
+        where = ((xs // period) + (ys // period)) % 2 == 1
+    elif pattern == "speckles":
+        where = rng.random((sprite.h, sprite.w)) < 0.3
+    else:
+        where = np.zeros_like(body)
+    sprite.rgb[body & where] = second
+    sy, sx = rng.uniform(0.8, 1.25), rng.uniform(0.85, 1.2)
+    h, w = max(1, int(round(sprite.h * sy))), max(1, int(round(sprite.w * sx)))
+    rows = np.minimum(((np.arange(h) + 0.5) * sprite.h / h).astype(np.int64), sprite.h - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * sprite.w / w).astype(np.int64), sprite.w - 1)
+    sprite.rgb = sprite.rgb[rows][:, cols].copy()
+    sprite.mask = sprite.mask[rows][:, cols].copy()
+    sprite.h, sprite.w = h, w
+    return pattern
+
+
+def _objects(rng, canvas: Canvas, road: dict, style: Style, classes: tuple[str, ...],
+             diversity: str = "standard") -> list[dict]:
     """Sample, then place strictly near to far (a heap keyed by depth; a rejected object is resampled
     further away), so each kept object's visible pixels are final when it is drawn."""
     cam = canvas.cam
-    probs = np.array([CLASS_PROBS[c] for c in classes])
+    probs = np.array([(CLASS_PROBS_HIGH if diversity == "high" else CLASS_PROBS)[c] for c in classes])
     n = int(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))
     heap = []
     for k in range(n):
@@ -604,8 +642,9 @@ def _objects(rng, canvas: Canvas, road: dict, style: Style, classes: tuple[str, 
     placed, footprints = [], []
     while heap:
         depth, k, cls, lateral, orientation, attempt = heapq.heappop(heap)
-        colour = _object_colour(rng, cls)
-        found = _try_place(rng, canvas, cls, lateral, depth, orientation, colour, style, footprints, bottom_depth)
+        colour = _hsv(rng, (0.0, 1.0), (0.15, 0.95)) if diversity == "high" else _object_colour(rng, cls)
+        found = _try_place(rng, canvas, cls, lateral, depth, orientation, colour, style, footprints, bottom_depth,
+                           diversity)
         if found is None:
             if attempt < PLACEMENT_RETRIES:
                 lateral, new_depth, orientation = _sample_placement(rng, cls, road, depth)
@@ -619,7 +658,8 @@ def _objects(rng, canvas: Canvas, road: dict, style: Style, classes: tuple[str, 
     return placed
 
 
-def _try_place(rng, canvas, cls, lateral, depth, orientation, colour, style, footprints, bottom_depth):
+def _try_place(rng, canvas, cls, lateral, depth, orientation, colour, style, footprints, bottom_depth,
+               diversity: str = "standard"):
     if depth < bottom_depth * 1.05:
         return None
     key = (cls, "side" if orientation.startswith("side") else "front")
@@ -627,6 +667,7 @@ def _try_place(rng, canvas, cls, lateral, depth, orientation, colour, style, foo
     if any(_overlaps(footprint, other) for other in footprints):
         return None
     sprite = SHAPES[cls](rng, colour, orientation, canvas.cam.focal / depth)
+    pattern = _vary(rng, sprite, colour) if diversity == "high" else None
     if orientation == "side_mirrored":
         sprite.mirror()
     if style.shading:
@@ -648,7 +689,8 @@ def _try_place(rng, canvas, cls, lateral, depth, orientation, colour, style, foo
     if y1 - y0 < MIN_HEIGHT_PX or x1 - x0 < MIN_WIDTH_PX:
         return None
     footprints.append(footprint)
-    return sprite, window, visible, {"bbox": [x0, y0, x1 - x0, y1 - y0], "area": count, "occlusion": occlusion}
+    box = {"bbox": [x0, y0, x1 - x0, y1 - y0], "area": count, "occlusion": occlusion}
+    return sprite, window, visible, box if pattern is None else {**box, "pattern": pattern}
 
 
 # --------------------------------------------------------------------------- domain statistics
@@ -720,9 +762,10 @@ def _check_scenario(scenario: str) -> None:
 
 
 def render_image(
-    scenario: str, split: str, index: int, seed: int, height: int, width: int, fog_beta: float, fog_airlight: float
+    scenario: str, split: str, index: int, seed: int, height: int, width: int, fog_beta: float, fog_airlight: float,
+    diversity: str = "standard",
 ) -> RenderedImage:
-    """Render image ``index`` of ``split``: a pure function of its arguments."""
+    """Render image ``index`` of ``split``: a pure function of its arguments (``diversity``: see ``DIVERSITY``)."""
     _check_scenario(scenario)
     if split not in SPLIT_CODES:
         raise VspaError(f"unknown split '{split}'; use one of {', '.join(SPLITS)}.")
@@ -739,7 +782,7 @@ def render_image(
     _ground(canvas, road)
     _facades(rng, canvas, road, style)
     _scenery(rng, canvas, road, style)
-    objects = _objects(rng, canvas, road, style, SCENARIO_CLASSES[scenario])
+    objects = _objects(rng, canvas, road, style, SCENARIO_CLASSES[scenario], diversity)
     depth = canvas.depth()
     image = canvas.rgb
     if style.saturation != 1.0:
@@ -767,8 +810,8 @@ def render_image(
 
 def _render_task(task: tuple) -> tuple[int, dict, list[dict]]:
     """Worker: render one image, write its three PNGs, return its image record and objects."""
-    out_dir, scenario, split, index, seed, height, width, fog_beta, fog_airlight = task
-    r = render_image(scenario, split, index, seed, height, width, fog_beta, fog_airlight)
+    out_dir, scenario, split, index, seed, height, width, fog_beta, fog_airlight, diversity = task
+    r = render_image(scenario, split, index, seed, height, width, fog_beta, fog_airlight, diversity)
     folder = Path(out_dir) / split
     name = f"{index:06d}.png"
     Image.fromarray(r.image).save(folder / "images" / name, compress_level=1)  # noisy: level 1 is 3x faster
@@ -788,15 +831,19 @@ def _render_task(task: tuple) -> tuple[int, dict, list[dict]]:
             "object_id": base + o["instance"],
             "instance_value": o["instance"],
             "attributes": {"color": o["colour"], "orientation": o["orientation"],
-                           "occlusion": round(float(o["occlusion"]), 4), "depth_m": round(float(o["depth"]), 3)},
+                           "occlusion": round(float(o["occlusion"]), 4), "depth_m": round(float(o["depth"]), 3),
+                           **({"pattern": o["pattern"]} if "pattern" in o else {})},
         }
         for o in r.objects
     ]
     return index, record, objects
 
 
-def _validate(scenario, sizes, seed, height, width, fog_beta, fog_airlight, workers) -> dict[str, int]:
+def _validate(scenario, sizes, seed, height, width, fog_beta, fog_airlight, workers,
+              diversity="standard") -> dict[str, int]:
     _check_scenario(scenario)
+    if diversity not in DIVERSITY:
+        raise VspaError(f"params.yaml: prepare.diversity must be one of {', '.join(DIVERSITY)}, got {diversity!r}.")
     if isinstance(sizes, dict):  # optional splits: absent or 0 = not generated
         sizes = {k: v for k, v in sizes.items() if not (k in OPTIONAL_SPLITS and v in (None, 0))}
     if not isinstance(sizes, dict) or not set(SPLITS) <= set(sizes) <= set(SPLITS + OPTIONAL_SPLITS):
@@ -832,6 +879,7 @@ def generate_benchmark(
     fog_airlight: float,
     workers: int = 2,
     progress: bool = True,
+    diversity: str = "standard",
 ) -> dict:
     """Render the four splits into ``out_dir/<split>/`` (images, depth, instances, annotations.json).
 
@@ -843,7 +891,7 @@ def generate_benchmark(
 
     from vspa.data.coco import write_coco
 
-    sizes = _validate(scenario, sizes, seed, height, width, fog_beta, fog_airlight, workers)
+    sizes = _validate(scenario, sizes, seed, height, width, fog_beta, fog_airlight, workers, diversity)
     start = time.perf_counter()
     out_dir = Path(out_dir)
     classes = SCENARIO_CLASSES[scenario]
@@ -852,8 +900,8 @@ def generate_benchmark(
     for split, n in sizes.items():
         for sub in ("images", "depth", "instances"):
             (out_dir / split / sub).mkdir(parents=True, exist_ok=True)
-        tasks += [(str(out_dir), scenario, split, i, seed, height, width, float(fog_beta), float(fog_airlight))
-                  for i in range(n)]
+        tasks += [(str(out_dir), scenario, split, i, seed, height, width, float(fog_beta), float(fog_airlight),
+                   diversity) for i in range(n)]
     bar = tqdm(total=len(tasks), desc=f"generate {scenario}", unit="img", disable=None if progress else True)
     results = {}
     if workers == 1 or len(tasks) < 16:
@@ -871,6 +919,8 @@ def generate_benchmark(
 
     summary = {"scenario": scenario, "seed": seed, "height": height, "width": width, "fog_beta": fog_beta,
                "fog_airlight": fog_airlight, "generator": GENERATOR, "splits": {}}
+    if diversity != "standard":  # the standard benchmark's files stay byte-identical to before the knob
+        summary["diversity"] = diversity
     for split, n in sizes.items():
         images, annotations = [], []
         for i in range(n):
@@ -881,7 +931,8 @@ def generate_benchmark(
         domain, part = split.split("_")
         info = {"scenario": scenario, "domain": domain, "split": part, "seed": seed, "generator": GENERATOR,
                 "style": DOMAIN_STYLE[(scenario, domain)][0], "foggy": DOMAIN_STYLE[(scenario, domain)][1],
-                "fog_beta": fog_beta, "fog_airlight": fog_airlight}
+                "fog_beta": fog_beta, "fog_airlight": fog_airlight,
+                **({"diversity": diversity} if diversity != "standard" else {})}
         write_coco(out_dir / split / "annotations.json", images, annotations, categories, info)
         per_class = {name: sum(a["category_id"] == k for a in annotations) for k, name in enumerate(classes, 1)}
         summary["splits"][split] = {
