@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python ...` through the shell: the venv's interpreter must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro augsim test test-slow bench gpu-check clean-venv
+.PHONY: repro augsim test test-slow bench gpu-check smoke-real clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ bench: $(STAMP)
 # iteration, peak GPU memory) -> reports/bench/gpu_check/gpu_check.md. `make gpu-check AMP=1`: mixed precision.
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --device cuda $(if $(AMP),--amp,)
+
+# Each real-data preset through the real dvc.yaml (prepare ... report) at its real image size, on tiny
+# generated datasets in the real folder layouts with randomly initialised backbones: reports/bench/smoke_real.md.
+# Slow (voc_comic2k: 15 min on 2 cores); SCENARIOS=cityscapes_foggy,... to run some.
+smoke-real: $(STAMP)
+	$(BIN)/python benchmarks/smoke_real.py $(if $(SCENARIOS),--scenarios $(SCENARIOS),)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -4,10 +4,14 @@ Foggy Cityscapes instance-id maps, KITTI label files; the scenario builder, the 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vspa.config import effective_params
@@ -472,3 +476,46 @@ def test_training_stage_of_a_real_preset_stops_without_weights(tmp_path, monkeyp
                                       "backbone": "small"}, section: {"device": "cpu"}}))
     with pytest.raises(RuntimeError, match="training started"):  # the explicit opt-out goes on to train
         train.run_training_stage(*args)
+
+
+# --------------------------------------------------------------------------- real-size smoke fixtures
+
+
+@pytest.mark.parametrize("scenario", REAL_SCENARIOS)
+def test_smoke_fixture_has_the_real_layout_and_size_and_imports(tmp_path, scenario):
+    """vspa.data.smoke writes what each preset's importers read, at the dataset's real image size."""
+    import yaml
+
+    from vspa.data.smoke import write_fixture
+    from vspa.utils import load_params
+
+    root = write_fixture(scenario, tmp_path / "datasets")
+    params = load_params(str(Path(__file__).resolve().parents[1] / "params.yaml"))
+    params.update(scenario=scenario, data={"root": str(root)})
+    if scenario == "sim10k_cityscapes":
+        params["prepare"]["splits"] = {"source_test": {"sample": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "stages" / "prepare.py"),
+                           "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "bench"),
+                           "--summary", str(tmp_path / "summary.json")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())["splits"]
+    assert all(summary[s]["images"] >= 2 and summary[s]["objects"] >= 2 for s in summary)
+    sizes = {(im["width"], im["height"]) for s in summary for im in _load(tmp_path / "bench" / s)["images"]}
+    expected = {"cityscapes_foggy": {(2048, 1024)}, "sim10k_cityscapes": {(1914, 1052), (2048, 1024)},
+                "voc_comic2k": {(500, 375), (640, 480)}}[scenario]
+    assert sizes == expected
+    if scenario == "cityscapes_foggy":  # the target is foggy: its files are the beta 0.02 images
+        target = _load(tmp_path / "bench" / "target_test")["images"]
+        assert all(im["file_name"].endswith("_foggy_beta_0.02.png") for im in target)
+
+
+def test_random_backbone_weights_load_as_pretrained_weights(tmp_path):
+    from vspa.data.smoke import write_random_weights
+    from vspa.detection.backbones import build_backbone
+
+    path = write_random_weights("resnet50", tmp_path / "r50.pth")
+    state = torch.load(path, weights_only=True)
+    assert float(state["layer1.0.bn3.weight"].abs().sum()) == 0  # residual branches start at zero
+    build_backbone("resnet50", str(path))  # accepted by the loader of model.pretrained_weights
