@@ -32,7 +32,7 @@ def test_enabled_precision_autocasts_scales_and_skips_a_non_finite_step():
         y = torch.ones(2, 4) @ w
     assert y.dtype == torch.bfloat16  # CPU autocast: bfloat16 (float16 on CUDA)
     loss = y.float().sum()
-    assert float(p.scale(loss)) == float(loss) * p.state_dict()["scale"]
+    assert float(p.scale(loss).detach()) == float(loss.detach()) * p.state_dict()["scale"]
     p.backward(loss)
     p.step(opt)  # finite: unscaled gradient (2 per entry) applied
     assert torch.allclose(w.detach(), torch.full((4, 4), 1 - 0.1 * 2))
