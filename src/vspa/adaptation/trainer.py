@@ -76,6 +76,7 @@ from vspa.adaptation.losses import FeatureDiscriminator, ImageDiscriminator, adv
 from vspa.adaptation.pairing import PAIRING_MODES, PairingBank, PairTable, anchor_object_ids, pairing_triplets
 from vspa.adaptation.pseudo import filter_pseudo_labels
 from vspa.adaptation.teacher import ema_update, make_teacher, teacher_detect
+from vspa.detection import checkpoint as detector_checkpoint
 from vspa.detection import distributed
 from vspa.detection.model import LOSS_NAMES, Detector
 from vspa.detection.train import WARMUP_FACTOR, derive_seed, global_batch
@@ -157,7 +158,7 @@ class AdaptConfig:
     refresh_model: str = "student"  # student | teacher
     checkpoint_every: int = 50
     # also keep the teacher every N iterations as work_dir/teacher_<N>.pt (0 = never): for choosing the iteration
-    # budget on target validation from one run (benchmarks/bench_rows.py evaluates them); not part of the record
+    # budget on target validation from one run (benchmarks/bench_rows.py evaluates them); recorded only when on
     snapshot_every: int = 0
     amp: bool = False  # mixed precision (autocast + gradient scaling; for CUDA): vspa.training.precision
     # fg_mode pairing only (the AugSim -> FoggyAugSim experiment; see vspa.adaptation.pairing)
@@ -883,8 +884,6 @@ def adapt(
                 step_module.pairing_bank = pair_bank
             refresh_seconds.append(time.perf_counter() - refresh_start)
         if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.iterations and ctx.is_main:
-            from vspa.detection import checkpoint as detector_checkpoint
-
             detector_checkpoint.save(work_dir / f"teacher_{done}.pt", teacher, teacher.cfg,
                                      list(data.source.class_names), extra={"stage": "adapt", "snapshot": done})
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
