@@ -118,9 +118,14 @@ class Chain:
             return done
         m, r = self.models, self.reports
         source, oracle, memory = m / "source/model.pt", m / "oracle/model.pt", m / "memory/subsampled.h5"
-        self.run("pretrain", ["stages/pretrain.py", "--out", str(source), "--log", str(m / "logs/pretrain_losses.csv"),
-                              "--work-dir", str(m / "source/work")], source)
-        adapt_rows = [row for row in ADAPT_ROWS if row in self.rows]
+
+        def evaluated(row: str) -> bool:  # committed metrics on test and validation: nothing to train for it
+            return all((r / d / f"{row}.json").is_file() for d in ("metrics", "metrics_val"))
+
+        if not all(evaluated(row) for row in self.rows if row != "oracle_on_target"):
+            self.run("pretrain", ["stages/pretrain.py", "--out", str(source), "--log",
+                                  str(m / "logs/pretrain_losses.csv"), "--work-dir", str(m / "source/work")], source)
+        adapt_rows = [row for row in ADAPT_ROWS if row in self.rows and not evaluated(row)]
         if any(row in ("vspa", "mila_like", "bg_only") for row in adapt_rows):
             self.run("extract_memory", ["stages/extract_memory.py", "--model", str(source), "--out",
                                         str(m / "memory/full.h5"), "--stats", str(m / "logs/extract.json")], memory)
@@ -134,7 +139,7 @@ class Chain:
             kept = r / "diagnostics" / f"{row}.json"
             if not kept.is_file():
                 write_json_atomic(kept, json.loads((logs / "diagnostics.json").read_text()))
-        if "oracle_on_target" in self.rows:
+        if "oracle_on_target" in self.rows and not evaluated("oracle_on_target"):
             self.run("oracle", ["stages/oracle.py", "--out", str(oracle), "--log", str(m / "logs/oracle_losses.csv"),
                                 "--work-dir", str(m / "oracle/work")], oracle)
         checkpoints = {"source_on_target": source, "oracle_on_target": oracle,
@@ -157,7 +162,8 @@ class Chain:
                                                   str(DATA / SPLITS["val"]), "--name", name, "--metrics-dir",
                                                   str(metrics_dir), "--plots-dir", str(m / "pr" / "budget")],
                          metrics_dir / f"{name}.json")
-                results.setdefault("budget", {})[name] = json.loads((metrics_dir / f"{name}.json").read_text())
+        for f in sorted((r / "metrics_val_budget").glob("*.json")):  # this run's and earlier runs' snapshots
+            results.setdefault("budget", {})[f.stem] = json.loads(f.read_text())
         if self.seconds:
             times = r / "seconds.json"
             old = json.loads(times.read_text()) if times.is_file() else {}
