@@ -519,3 +519,14 @@ def test_random_backbone_weights_load_as_pretrained_weights(tmp_path):
     state = torch.load(path, weights_only=True)
     assert float(state["layer1.0.bn3.weight"].abs().sum()) == 0  # residual branches start at zero
     build_backbone("resnet50", str(path))  # accepted by the loader of model.pretrained_weights
+
+
+def test_smoke_fixture_puts_every_class_in_every_split(tmp_path):
+    """Subsample refuses a memory with an empty class: each split of a fixture holds every preset class."""
+    from vspa.data.importers.cityscapes import read_cityscapes
+    from vspa.data.smoke import write_fixture
+
+    root = write_fixture("cityscapes_foggy", tmp_path)
+    for split in ("train", "val"):
+        labels = {o.category for r in read_cityscapes(root / "cityscapes", split).images for o in r.objects}
+        assert len(labels) == 8, (split, labels)

@@ -35,14 +35,16 @@ COMIC_CLASSES = ("bicycle", "bird", "car", "cat", "dog", "person")
 SCENARIOS = ("cityscapes_foggy", "sim10k_cityscapes", "voc_comic2k")
 
 
-def _boxes(rng: np.random.Generator, size: tuple[int, int], classes, n: int) -> list[tuple[str, int, int, int, int]]:
-    """``n`` boxes (class, x0, y0, x1, y1) of 5-30% of the image side, inside the image."""
+def _boxes(rng: np.random.Generator, size: tuple[int, int], classes, n: int,
+           first: int = 0) -> list[tuple[str, int, int, int, int]]:
+    """``n`` boxes (class, x0, y0, x1, y1) of 5-30% of the image side, inside the image; the classes in turn
+    from ``classes[first]`` on, so that a split's few images hold every class (an empty class stops subsample)."""
     w, h = size
     out = []
-    for _ in range(n):
+    for i in range(n):
         bw, bh = int(w * rng.uniform(0.05, 0.3)), int(h * rng.uniform(0.05, 0.3))
         x0, y0 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
-        out.append((str(classes[int(rng.integers(len(classes)))]), x0, y0, x0 + bw, y0 + bh))
+        out.append((str(classes[(first + i) % len(classes)]), x0, y0, x0 + bw, y0 + bh))
     return out
 
 
@@ -67,7 +69,8 @@ def write_cityscapes(root: Path, rng: np.random.Generator, per_split: int = 2, c
     for split in ("train", "val"):
         for k in range(per_split):
             stem = f"smoke_{k:06d}_000019"
-            boxes = _boxes(rng, CITYSCAPES_SIZE, classes, 4)
+            per_image = max(4, -(-len(classes) // per_split))
+            boxes = _boxes(rng, CITYSCAPES_SIZE, classes, per_image, per_image * k)
             ids = np.full((h, w), 7, np.uint16)  # road (stuff)
             for i, (cls, x0, y0, x1, y1) in enumerate(boxes):
                 ids[y0:y1, x0:x1] = CITYSCAPES_IDS[cls] * 1000 + i
@@ -99,7 +102,8 @@ def write_voc_layout(root: Path, rng: np.random.Generator, size: tuple[int, int]
         for _ in range(n):
             image_id = f"{prefix}{k:06d}"
             k += 1
-            boxes = _boxes(rng, size, classes, 3)
+            per_image = max(3, -(-len(classes) // n))
+            boxes = _boxes(rng, size, classes, per_image, per_image * k)
             _save(root / "JPEGImages" / f"{image_id}.jpg", _picture(rng, size, boxes))
             (root / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(size, boxes))
             ids.append(image_id)
