@@ -49,7 +49,7 @@ gpu-check: $(STAMP)
 
 # Each real-data preset through the real dvc.yaml (prepare ... report) at its real image size, on tiny
 # generated datasets in the real folder layouts with randomly initialised backbones: reports/bench/smoke_real.md.
-# Slow (voc_comic2k: 15 min on 2 cores); SCENARIOS=cityscapes_foggy,... to run some.
+# Slow (11-15 min per preset on one thread); SCENARIOS=cityscapes_foggy,... to run some.
 smoke-real: $(STAMP)
 	$(BIN)/python benchmarks/smoke_real.py $(if $(SCENARIOS),--scenarios $(SCENARIOS),)
 

@@ -1,5 +1,5 @@
 """`make smoke-real` as a slow test: every real-data preset through the real dvc.yaml at real image size (about
-15 min per preset on the 2-core CPU; not part of `make test`)."""
+11-15 min per preset on one thread of the 2-core CPU; not part of `make test`)."""
 
 from __future__ import annotations
 
