@@ -28,7 +28,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -239,7 +238,6 @@ def main(
                 "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}"}
         start = time.perf_counter()
         results: dict[int, dict] = {}
-        lock = threading.Lock()
 
         def one(seed: int) -> tuple[int, dict]:
             wanted = [r for r in ORDER if r in core or (seed in extra_list and r in extra)]
@@ -248,10 +246,9 @@ def main(
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             for future in as_completed([pool.submit(one, s) for s in seed_list]):
                 seed, res = future.result()
-                with lock:
-                    results[seed] = res
-                    meta["wall_seconds"] = round(time.perf_counter() - start, 1)
-                    report = write_tables(dict(sorted(results.items())), out, meta)
+                results[seed] = res  # as_completed hands results to this thread only: no lock needed
+                meta["wall_seconds"] = round(time.perf_counter() - start, 1)
+                report = write_tables(dict(sorted(results.items())), out, meta)
                 d = report["test"]["paired"].get("at_like", {}).get("vspa")
                 print(f"seed {seed} done ({meta['wall_seconds']:.0f} s); VSPA - AT-like over {len(results)} seed(s): "
                       + ("-" if not d or d["mean"] is None else f"{d['mean']:+.2f}")
