@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python ...` through the shell: the venv's interpreter must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro augsim test test-slow bench gpu-check smoke-real clean-venv
+.PHONY: repro augsim test test-slow bench bench-diversity real-scale gpu-check smoke-real clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,20 @@ bench: $(STAMP)
 	@test -d .dvc || $(BIN)/dvc init --quiet
 	$(BIN)/dvc repro prepare
 	$(BIN)/python benchmarks/bench_rows.py --seeds $(SEEDS) --extra-seeds $(EXTRA_SEEDS)
+
+# Where instance-level alignment should matter: AT-like, MILA-like and VSPA at high within-class appearance
+# diversity (prepare.diversity: high) beside make bench's standard rows -> reports/bench/diversity/diversity.md.
+# Slow (about 40 min per seed on one core); DIV_SEEDS to change.
+DIV_SEEDS ?= 0-2
+bench-diversity: $(STAMP)
+	@test -d .dvc || $(BIN)/dvc init --quiet
+	$(BIN)/dvc repro prepare
+	$(BIN)/python benchmarks/diversity_study.py --seeds $(DIV_SEEDS)
+
+# Measured CPU seconds per iteration, peak RSS, extraction rows/s and checkpoint sizes of each real-data preset
+# at its real image size and batch (smoke fixtures, random backbones) -> reports/bench/real_scale.md.
+real-scale: $(STAMP)
+	$(BIN)/python benchmarks/real_scale.py
 
 # On a GPU node, before a long run: every training stage for 30 iterations on CUDA (finite losses, seconds per
 # iteration, peak GPU memory) -> reports/bench/gpu_check/gpu_check.md. `make gpu-check AMP=1`: mixed precision.

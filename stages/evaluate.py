@@ -2,7 +2,8 @@
 
 Writes reports/metrics/<name>.json (small, kept in git) and reports/plots/pr/<name>.csv (PR curves,
 class,recall,precision, at most 200 points per class). Reads params: evaluate.device, evaluate.iou,
-evaluate.batch_size.
+evaluate.batch_size, evaluate.subsets (optional, from the scenario preset: named subsets of the split's
+images scored on their own, e.g. each fog level of Foggy Cityscapes; under "subsets" in the metrics file).
 """
 
 from __future__ import annotations
@@ -33,13 +34,21 @@ def main(
             raise VspaError(f"{params}: evaluate.iou must be in (0, 1], got {iou}.")
         if not name or "/" in name or name.startswith("."):
             raise VspaError(f"--name '{name}': use a plain file name such as source_on_target.")
-        metrics, curves = evaluate_model(model, data, get_device(cfg.get("device", "auto")), batch_size, iou)
+        subsets = cfg.get("subsets") or {}
+        if not isinstance(subsets, dict):
+            raise VspaError(f"{params}: evaluate.subsets must map a name to image fields, e.g. "
+                            f"{{beta_0.02: {{fog_beta: 0.02}}}}; got {subsets!r}.")
+        metrics, curves = evaluate_model(model, data, get_device(cfg.get("device", "auto")), batch_size, iou,
+                                         subsets=subsets)
         metrics = {**metrics, "name": name, "checkpoint": str(model), "data": str(data)}
         write_pr_csv(plots_dir / f"{name}.csv", curves, max_points=PR_MAX_POINTS)
         write_json_atomic(metrics_dir / f"{name}.json", metrics)
         ap = ", ".join(f"{c} {'-' if v is None else f'{v:.1f}'}" for c, v in metrics["AP"].items())
         m = metrics["mAP"]
         typer.echo(f"{name}: mAP@{iou:g} {'-' if m is None else f'{m:.1f}'} ({ap}) on {metrics['num_images']} images")
+        for sub, sm in metrics.get("subsets", {}).items():
+            value = "-" if sm["mAP"] is None else f"{sm['mAP']:.1f}"
+            typer.echo(f"  {sub}: mAP {value} on {sm['num_images']} images")
 
     run_stage(body)
 

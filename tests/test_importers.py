@@ -26,6 +26,7 @@ from vspa.data.importers import (
     import_voc,
     prepare_scenario,
     read_foggy_cityscapes,
+    read_cityscapes,
     read_voc,
     require_pretrained,
 )
@@ -244,6 +245,9 @@ def test_foggy_cityscapes_beta_levels(tmp_path):
     every = read_foggy_cityscapes(root, "train", beta="all")
     assert sorted(r.path.name for r in every.images) == [
         f"{STEM}_leftImg8bit_foggy_beta_{b}.png" for b in ("0.005", "0.01", "0.02")]
+    assert sorted(r.attrs["fog_beta"] for r in every.images) == [0.005, 0.01, 0.02]  # -> the COCO image entries
+    assert data["images"][0]["fog_beta"] == 0.02
+    assert all(r.attrs == {} for r in read_cityscapes(root, "train").images)  # clear images: no field
     assert all(len(r.objects) == 4 for r in every.images)
     two = read_foggy_cityscapes(root, "train", beta=[0.01, "0.02"])
     assert len(two.images) == 2
@@ -506,9 +510,12 @@ def test_smoke_fixture_has_the_real_layout_and_size_and_imports(tmp_path, scenar
     expected = {"cityscapes_foggy": {(2048, 1024)}, "sim10k_cityscapes": {(1914, 1052), (2048, 1024)},
                 "voc_comic2k": {(500, 375), (640, 480)}}[scenario]
     assert sizes == expected
-    if scenario == "cityscapes_foggy":  # the target is foggy: its files are the beta 0.02 images
+    if scenario == "cityscapes_foggy":  # foggy target: train at beta 0.02, test at all three levels, each tagged
+        train = _load(tmp_path / "bench" / "target_train")["images"]
+        assert all(im["file_name"].endswith("_foggy_beta_0.02.png") and im["fog_beta"] == 0.02 for im in train)
         target = _load(tmp_path / "bench" / "target_test")["images"]
-        assert all(im["file_name"].endswith("_foggy_beta_0.02.png") for im in target)
+        assert {im["fog_beta"] for im in target} == {0.005, 0.01, 0.02}
+        assert all(im["file_name"].endswith(f"_foggy_beta_{im['fog_beta']}.png") for im in target)
 
 
 def test_random_backbone_weights_load_as_pretrained_weights(tmp_path):

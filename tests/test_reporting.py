@@ -115,3 +115,22 @@ def test_report_stage_writes_both_files(metrics_dir, tmp_path):
     bad = subprocess.run(cmd[:-2] + ["--metrics-dir", str(metrics_dir), "--paper", "nope"], capture_output=True,
                          text=True, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown paper scenario 'nope'")
+
+
+def test_subsets_become_rows_with_their_own_gap(tmp_path):
+    """evaluate.subsets (e.g. each fog level): one block of rows per subset, gap closed within the subset."""
+    d = tmp_path / "m"
+    for name, whole, sub in (("source_on_target", 20.0, 10.0), ("vspa", 30.0, 25.0), ("oracle_on_target", 60.0, 50.0)):
+        d.mkdir(exist_ok=True)
+        (d / f"{name}.json").write_text(json.dumps({
+            "mAP": whole, "AP": {"car": whole}, "num_images": 6,
+            "subsets": {"beta_0.02": {"mAP": sub, "AP": {"car": sub}, "num_images": 2}}}))
+    comp = build_comparison(default_rows(["source_on_target", "vspa", "oracle_on_target"], d))
+    names = [e["name"] for e in comp["rows"]]
+    assert names == ["source_on_target", "vspa", "oracle_on_target",
+                     "source_on_target@beta_0.02", "vspa@beta_0.02", "oracle_on_target@beta_0.02"]
+    by = {e["name"]: e for e in comp["rows"]}
+    assert by["vspa"]["gap_closed"] == pytest.approx(25.0)  # (30 - 20) / (60 - 20)
+    assert by["vspa@beta_0.02"]["gap_closed"] == pytest.approx(37.5)  # (25 - 10) / (50 - 10)
+    text = render_markdown(comp)
+    assert "[whole test split]" in text and f"{ROW_DESCRIPTIONS['vspa']} [beta_0.02] | 25.0 | 25.0 | 37.5% |" in text

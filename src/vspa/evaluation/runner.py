@@ -83,6 +83,7 @@ def evaluate_model(
     batch_size: int,
     iou: float = 0.5,
     progress: bool = True,
+    subsets: dict[str, dict] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Evaluate a checkpoint on the split in ``data_dir`` (``annotations.json`` + images).
 
@@ -90,11 +91,28 @@ def evaluate_model(
     all-point AP, the paper's metric; ``coco_mAP50`` / ``coco_AP50`` the COCO-style 101-point AP at the same
     IoU through pycocotools with detectron2's 100 detections per image, the metric of detectron2-based work)
     and the PR curves (``{class: {"recall", "precision", "scores"}}``).
-    """
-    from vspa.evaluation.coco_check import DETECTRON2_MAX_DETS, coco_ap50
 
+    ``subsets`` (``evaluate.subsets``): ``{name: {image field: value, ...}}``; each named subset of the split's
+    images (those whose COCO image entry has every listed field at the listed value, e.g. ``fog_beta: 0.02`` of
+    Foggy Cityscapes) is scored on its own from the same detections, under ``metrics["subsets"][name]``.
+    """
     detector, dataset, class_names = _load(checkpoint_path, data_dir, device)
     detections, ground_truths = _detect_split(detector, dataset, device, batch_size, progress)
+    ordered, curves = score(detections, ground_truths, class_names, iou)
+    if subsets:
+        where = f"{Path(data_dir) / 'annotations.json'}"
+        ordered["subsets"] = {}
+        for name, spec in subsets.items():
+            idx = subset_indices(dataset.coco.images, spec, name, where)
+            ordered["subsets"][name] = score([detections[i] for i in idx], [ground_truths[i] for i in idx],
+                                             class_names, iou)[0]
+    return ordered, curves
+
+
+def score(detections: list[dict], ground_truths: list[dict], class_names, iou: float):
+    """VOC and COCO-style AP50 of one set of images -> (metrics dict, PR curves)."""
+    from vspa.evaluation.coco_check import DETECTRON2_MAX_DETS, coco_ap50
+
     result = evaluate_detections(detections, ground_truths, class_names, iou_threshold=iou)
     coco = coco_ap50(detections, ground_truths, class_names, max_dets=DETECTRON2_MAX_DETS, iou=iou)
     metrics = result.to_json()
@@ -104,6 +122,27 @@ def evaluate_model(
     ordered.update(coco_mAP50=coco["mAP"], coco_AP50=coco["AP"])
     ordered.update(dict(list(metrics.items())[at:]))
     return ordered, result.pr_curves()
+
+
+def subset_indices(images: list[dict], spec: dict, name: str, where: str) -> list[int]:
+    """Indices of the images whose entry has every ``field: value`` of ``spec`` (numbers compared as floats).
+
+    Raises VspaError naming the subset and the file when the spec is malformed or selects no image."""
+    if not isinstance(spec, dict) or not spec:
+        raise VspaError(f"evaluate.subsets.{name}: expected a mapping of image field -> value (e.g. "
+                        f"{{fog_beta: 0.02}}), got {spec!r}.")
+
+    def same(a, b) -> bool:
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return float(a) == float(b)
+        return a == b
+
+    idx = [i for i, img in enumerate(images) if all(k in img and same(img[k], v) for k, v in spec.items())]
+    if not idx:
+        seen = {k: sorted({repr(img[k]) for img in images if k in img}) for k in spec}
+        raise VspaError(f"evaluate.subsets.{name} = {spec}: no image of {where} matches (values there: {seen}). "
+                        f"Fix the subset or prepare the split with those images (e.g. foggy_cityscapes beta: all).")
+    return idx
 
 
 def downsample_curve(recall: np.ndarray, precision: np.ndarray, max_points: int = 200) -> tuple[np.ndarray, np.ndarray]:

@@ -129,6 +129,7 @@ def build_comparison(
     classes: list[str] | None = None
     first_path: Path | None = None
     entries = []
+    subsets: dict[str, list[dict]] = {}
     for row in rows:
         entry: dict[str, Any] = {
             "name": row.name, "description": row.description, "metrics_file": str(row.metrics_path)
@@ -147,11 +148,23 @@ def build_comparison(
             )
         entries.append({**entry, "missing": False, "AP": metrics["AP"], "mAP": metrics["mAP"],
                         "coco_mAP50": metrics.get("coco_mAP50")})
+        for sub, sm in (metrics.get("subsets") or {}).items():  # evaluate.subsets, e.g. each fog level
+            subsets.setdefault(sub, []).append({
+                "name": f"{row.name}@{sub}", "description": f"{row.description} [{sub}]",
+                "metrics_file": str(row.metrics_path), "missing": False, "subset": sub, "AP": sm["AP"],
+                "mAP": sm["mAP"], "coco_mAP50": sm.get("coco_mAP50")})
+    if subsets:  # the whole split's rows first, then one block per subset
+        for e in entries:
+            e["description"] += " [whole test split]"
+        for block in subsets.values():
+            entries += block
 
     by_name = {e["name"]: e for e in entries if not e["missing"]}
-    src, orc = by_name.get(source, {}).get("mAP"), by_name.get(oracle, {}).get("mAP")
     for e in entries:
         if not e["missing"]:
+            tag = f"@{e['subset']}" if e.get("subset") else ""
+            src = by_name.get(source + tag, {}).get("mAP")
+            orc = by_name.get(oracle + tag, {}).get("mAP")
             e["gap_closed"] = _gap_closed(e["mAP"], src, orc)
 
     out: dict[str, Any] = {"classes": classes or [], "source_row": source, "oracle_row": oracle, "rows": entries}
@@ -211,6 +224,14 @@ def render_markdown(comparison: dict[str, Any]) -> str:
         notes.append(
             "COCO-style mAP50: pycocotools, 101-point interpolation, 100 detections per image (detectron2's "
             "evaluator), the metric of Adaptive Teacher / CMT / ALDI; the paper's tables use VOC AP50."
+        )
+    subs = sorted({e["subset"] for e in comparison["rows"] if e.get("subset")})
+    if subs:
+        notes.append(
+            f"Rows marked [{'], ['.join(subs)}]: the same detections scored on the test images of that "
+            "evaluate.subsets entry only (gap closed against the source and oracle rows of the same subset); "
+            "[whole test split]: every test image. Foggy Cityscapes: the paper, Adaptive Teacher and MILA report "
+            "beta 0.02; some other work reports all three fog levels together."
         )
     if paper:
         notes.append(

@@ -58,6 +58,7 @@ class ImageRecord:
     width: int
     height: int
     objects: list[ObjectRecord] = field(default_factory=list)
+    attrs: dict = field(default_factory=dict)  # extra image fields written to the COCO image entry (e.g. fog_beta)
 
 
 @dataclass
@@ -225,7 +226,7 @@ def write_split(images: list[ImageRecord], classes: Sequence[str], out_dir: str 
         if copy_images:
             _copy_image(rec.path, out_dir / "images" / rel)
             rel = f"images/{rel}"
-        coco_images.append({"id": image_id, "file_name": rel, "width": rec.width, "height": rec.height})
+        coco_images.append({"id": image_id, "file_name": rel, "width": rec.width, "height": rec.height, **rec.attrs})
         for obj in rec.objects:
             ann_id = len(coco_anns)
             x, y, w, h = (float(v) for v in obj.bbox)

@@ -149,13 +149,16 @@ def _read(dataset: str, root, split: str, classes: Sequence[str], image_dir: str
         ids = _read_instance_map(gt_files[key])
         objects = instance_boxes(ids, label_classes, stats)
         for path in groups[key]:
+            variant = next(k for k, suffix in suffixes.items() if path.name.endswith(suffix))
             width, height = image_size(path)
             if (width, height) != (ids.shape[1], ids.shape[0]):
                 raise VspaError(
                     f"{path}: the image is {width}x{height} but its instance map {gt_files[key]} is "
                     f"{ids.shape[1]}x{ids.shape[0]}. Re-download the matching files."
                 )
-            records.append(ImageRecord(path, width, height, list(objects)))
+            # Foggy Cityscapes: the fog level of each image, so an evaluation can report each level (evaluate.subsets)
+            attrs = {"fog_beta": float(variant)} if variant else {}
+            records.append(ImageRecord(path, width, height, list(objects), attrs))
     return ImportedSplit(dataset, split, root, classes, records, stats)
 
 
