@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python ...` through the shell: the venv's interpreter must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro augsim test test-slow bench bench-diversity real-scale gpu-check smoke-real clean-venv
+.PHONY: params repro augsim test test-slow bench bench-diversity real-scale gpu-check smoke-real clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# params.yaml = Hydra's composition of conf/ (what `dvc exp run -S ...` writes); run after editing conf/ or a
+# scenario file (conf/scenario/ = src/vspa/presets/). `make params SCENARIO=sim10k_cityscapes` for another one.
+params: $(STAMP)
+	$(BIN)/vspa params $(if $(SCENARIO),scenario=$(SCENARIO),)
 
 # The comparison protocol: every row over paired training seeds (a seed fixes the source detector and every
 # run made from it), two seed chains at a time, each process pinned to one thread; paired differences with 95%

@@ -38,6 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from vspa.config import effective_params  # noqa: E402
 from vspa.reporting import seeds as seedstats  # noqa: E402
 from vspa.reporting.tables import ROW_DESCRIPTIONS  # noqa: E402
 from vspa.utils import VspaError, run_stage, write_json_atomic, write_text_atomic  # noqa: E402
@@ -73,7 +74,10 @@ class Chain:
         base["adapt"]["snapshot_every"] = snapshot
         self.reports.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(base, sort_keys=False)
-        if self.params.is_file() and self.params.read_text() != text and any(self.reports.glob("metrics*/*.json")):
+        # compared as effective values: a seed written before params.yaml was composed (nulls filled from the
+        # scenario preset at run time) matches the composed file with the same values
+        if (self.params.is_file() and self.params.read_text() != text and any(self.reports.glob("metrics*/*.json"))
+                and effective_params(yaml.safe_load(self.params.read_text())) != effective_params(base)):
             raise VspaError(f"{self.params}: seed {seed} was run with other params than {params} gives now; its "
                             f"results would be mixed with new ones. Move {self.reports} (and {self.models}) away, "
                             f"or restore those params.")

@@ -29,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vspa.config import load_preset  # noqa: E402
+from vspa.config import compose, load_preset  # noqa: E402
 from vspa.data.smoke import SCENARIOS, write_fixture, write_random_weights  # noqa: E402
 from vspa.utils import VspaError, run_stage, write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -44,7 +44,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def smoke_params(scenario: str, data_root: Path, weights: Path, iterations: int, device: str) -> dict:
-    """params.yaml of the smoke run: the committed one with the scenario, the fixture, the random weights,
+    """params.yaml of the smoke run: the scenario's composed params (conf/), the fixture, the random weights,
     and ``iterations`` per training stage at batch 1."""
     train = {"iterations": iterations, "batch_size": 1, "warmup_iters": 1, "lr_steps": [], "checkpoint_every": 1,
              "device": device}
@@ -62,7 +62,7 @@ def smoke_params(scenario: str, data_root: Path, weights: Path, iterations: int,
     }
     if scenario == "sim10k_cityscapes":  # Sim10k has no test split: the preset samples 500 images of it
         over["prepare"] = {"splits": {"source_test": {"sample": 2}}}
-    return _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), over)
+    return _merge(compose(ROOT / "conf", [f"scenario={scenario}"]), over)  # what `-S scenario=...` composes
 
 
 def run_scenario(scenario: str, work: Path, iterations: int, device: str) -> dict:

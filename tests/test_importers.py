@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vspa.config import effective_params
+from vspa.config import compose, effective_params
 from vspa.data.coco import DetectionDataset, load_coco
 from vspa.data.importers import (
     IMPORTERS,
@@ -491,13 +491,12 @@ def test_smoke_fixture_has_the_real_layout_and_size_and_imports(tmp_path, scenar
     import yaml
 
     from vspa.data.smoke import write_fixture
-    from vspa.utils import load_params
 
     root = write_fixture(scenario, tmp_path / "datasets")
-    params = load_params(str(Path(__file__).resolve().parents[1] / "params.yaml"))
-    params.update(scenario=scenario, data={"root": str(root)})
+    params = compose(Path(__file__).resolve().parents[1] / "conf", [f"scenario={scenario}"])
+    params.update(data={"root": str(root)})
     if scenario == "sim10k_cityscapes":
-        params["prepare"]["splits"] = {"source_test": {"sample": 2}}
+        params["prepare"]["splits"]["source_test"]["sample"] = 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "stages" / "prepare.py"),

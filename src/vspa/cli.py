@@ -30,5 +30,30 @@ def scenarios():
         typer.echo(name)
 
 
+@app.command("params")
+def params(
+    overrides: list[str] = typer.Argument(None, help="Hydra overrides, e.g. scenario=sim10k_cityscapes adapt.tau=0.6."),
+    conf: Path = typer.Option(Path("conf"), help="The Hydra config folder (config.yaml, scenario/)."),
+    out: Path = typer.Option(Path("params.yaml"), help="Where the composed params go."),
+    check: bool = typer.Option(False, help="Only check that --out equals the composition (exit 1 if not)."),
+):
+    """Compose conf/ (as `dvc exp run -S ...` does) and write params.yaml, or --check that it is up to date."""
+    from vspa.config import compose, dump_params
+    from vspa.utils import VspaError, write_text_atomic
+
+    def body() -> None:
+        text = dump_params(compose(conf, overrides or []))
+        if check:
+            if not out.is_file() or out.read_text() != text:
+                raise VspaError(f"{out} differs from the composition of {conf}/ with {overrides or []}: run "
+                                f"`make params` (or `vspa params`) after editing conf/ or a scenario file.")
+            typer.echo(f"{out}: up to date with {conf}/")
+            return
+        write_text_atomic(out, text)
+        typer.echo(f"{out}: composed from {conf}/ with {overrides or []}")
+
+    run_stage(body)
+
+
 if __name__ == "__main__":
     app()
