@@ -1,7 +1,8 @@
 """Stage evaluate: VOC AP50 per class and mAP of one checkpoint on one dataset split.
 
-Writes reports/metrics/<name>.json (small, kept in git) and reports/plots/pr/<name>.csv (PR curves,
-class,recall,precision, at most 200 points per class). Reads params: evaluate.device, evaluate.iou,
+Writes reports/metrics/<name>.json (the DVC metrics: VOC and COCO-style AP50, mAP; small, kept in git),
+reports/metrics/info/<name>.json (image, GT and detection counts, IoU, checkpoint and data paths) and
+reports/plots/pr/<name>.csv (PR curves, class,recall,precision, at most 200 points per class). Reads params: evaluate.device, evaluate.iou,
 evaluate.batch_size, evaluate.subsets (optional, from the scenario preset: named subsets of the split's
 images scored on their own, e.g. each fog level of Foggy Cityscapes; under "subsets" in the metrics file).
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 import typer
 
 from vspa.config import stage_config
-from vspa.evaluation.runner import evaluate_model, write_pr_csv
+from vspa.evaluation.runner import evaluate_model, split_metrics, write_pr_csv
 from vspa.utils import VspaError, get_device, run_stage, write_json_atomic
 
 PR_MAX_POINTS = 200
@@ -26,6 +27,8 @@ def main(
     name: str = typer.Option("source_on_target", help="Output name: reports/metrics/<name>.json."),
     metrics_dir: Path = typer.Option(Path("reports/metrics"), help="Folder of the metrics JSON."),
     plots_dir: Path = typer.Option(Path("reports/plots/pr"), help="Folder of the PR-curve CSV."),
+    info_dir: Path = typer.Option(None, help="Folder of <name>.json with the counts and provenance "
+                                  "(default: <metrics-dir>/info)."),
 ) -> None:
     def body() -> None:
         cfg = stage_config(params, "evaluate")["evaluate"]
@@ -40,9 +43,13 @@ def main(
                             f"{{beta_0.02: {{fog_beta: 0.02}}}}; got {subsets!r}.")
         metrics, curves = evaluate_model(model, data, get_device(cfg.get("device", "auto")), batch_size, iou,
                                          subsets=subsets)
-        metrics = {**metrics, "name": name, "checkpoint": str(model), "data": str(data)}
+        results, info = split_metrics(metrics)
         write_pr_csv(plots_dir / f"{name}.csv", curves, max_points=PR_MAX_POINTS)
-        write_json_atomic(metrics_dir / f"{name}.json", metrics)
+        info_folder = Path(info_dir) if isinstance(info_dir, (str, Path)) else Path(metrics_dir) / "info"  # also when
+        # main() is called as a function (tests), where an omitted option is typer's OptionInfo
+        write_json_atomic(info_folder / f"{name}.json",
+                          {"name": name, "checkpoint": str(model), "data": str(data), **info})
+        write_json_atomic(metrics_dir / f"{name}.json", results)
         ap = ", ".join(f"{c} {'-' if v is None else f'{v:.1f}'}" for c, v in metrics["AP"].items())
         m = metrics["mAP"]
         typer.echo(f"{name}: mAP@{iou:g} {'-' if m is None else f'{m:.1f}'} ({ap}) on {metrics['num_images']} images")

@@ -310,7 +310,8 @@ def test_translate_train_apply_evaluate_stages(tiny_splits, tmp_path):
     _stage("evaluate")(params=str(params), model=tmp_path / "source.pt", data=out, name="translate_attention",
                        metrics_dir=tmp_path / "metrics", plots_dir=tmp_path / "pr")
     metrics = json.loads((tmp_path / "metrics/translate_attention.json").read_text())
-    assert metrics["num_images"] == len(original["images"]) and list(metrics["AP"]) == classes
+    info = json.loads((tmp_path / "metrics/info/translate_attention.json").read_text())
+    assert info["num_images"] == len(original["images"]) and list(metrics["AP"]) == classes
 
 
 def test_translate_apply_reports_a_missing_or_foreign_model(tiny_splits, tmp_path, capsys):

@@ -352,12 +352,14 @@ def test_evaluate_stage_end_to_end(tmp_path, monkeypatch, capsys):
     run_evaluate_stage(tmp_path, tmp_path / "model.pt", monkeypatch)
     assert "tiny: mAP@0.5 " in capsys.readouterr().out
     metrics = json.loads((tmp_path / "reports" / "metrics" / "tiny.json").read_text())
-    assert metrics["num_images"] == 3 and metrics["name"] == "tiny"
-    assert metrics["num_gt"] == {"car": 2, "person": 1, "truck": 0}  # the crowd region is not a GT
+    info = json.loads((tmp_path / "reports" / "metrics" / "info" / "tiny.json").read_text())
+    assert list(metrics) == ["mAP", "AP", "coco_mAP50", "coco_AP50"]  # the DVC metrics file: AP figures only
+    assert info["num_images"] == 3 and info["name"] == "tiny"
+    assert info["num_gt"] == {"car": 2, "person": 1, "truck": 0}  # the crowd region is not a GT
     assert metrics["AP"]["truck"] is None and all(0.0 <= metrics["AP"][c] <= 100.0 for c in ("car", "person"))
     # the stage's numbers are those of the library on the same checkpoint (inference is deterministic on CPU)
     again, curves = evaluate_model(tmp_path / "model.pt", tmp_path / "split", "cpu", batch_size=3, progress=False)
-    assert again["AP"] == metrics["AP"] and again["num_det"] == metrics["num_det"]
+    assert again["AP"] == metrics["AP"] and again["num_det"] == info["num_det"]
     rows = list(csv.DictReader((tmp_path / "reports" / "plots" / "pr" / "tiny.csv").open()))
     assert sum(r["class"] == "car" for r in rows) == min(200, len(curves["car"]["recall"]))
     assert set(rows[0]) == {"class", "recall", "precision"}

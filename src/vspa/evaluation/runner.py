@@ -109,6 +109,20 @@ def evaluate_model(
     return ordered, curves
 
 
+RESULT_KEYS = ("mAP", "AP", "coco_mAP50", "coco_AP50")
+
+
+def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(results, info): the AP figures (the DVC metrics file, so `dvc metrics show` / `dvc exp show` list AP and
+    nothing else) and the rest (image / GT / detection counts, IoU, metric name; the subsets' counts)."""
+    results = {k: metrics[k] for k in RESULT_KEYS if k in metrics}
+    info = {k: v for k, v in metrics.items() if k not in RESULT_KEYS and k != "subsets"}
+    if metrics.get("subsets"):
+        results["subsets"] = {n: {k: m[k] for k in RESULT_KEYS if k in m} for n, m in metrics["subsets"].items()}
+        info["subsets"] = {n: {k: v for k, v in m.items() if k not in RESULT_KEYS} for n, m in metrics["subsets"].items()}
+    return results, info
+
+
 def score(detections: list[dict], ground_truths: list[dict], class_names, iou: float):
     """VOC and COCO-style AP50 of one set of images -> (metrics dict, PR curves)."""
     from vspa.evaluation.coco_check import DETECTRON2_MAX_DETS, coco_ap50
