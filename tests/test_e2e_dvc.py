@@ -171,11 +171,54 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
         finally:
             file.write_text(text)
 
-    # The scenario presets fill every null param: editing one must rerun the stages that read them (the
-    # adaptation runs included), and nothing else. The augmentations are code of every training stage.
+    # The scenario files are read at run time (real-data checks, older null-style params files): editing one
+    # reruns the stages that read them (the adaptation runs included), and nothing else. (Their values reach
+    # params.yaml through `make params` / `dvc exp run -S`.) The augmentations are code of every training stage.
     pairing = {f"adapt_pairing@{m}_s{s}" for m in ("exact", "color", "flip", "color_flip") for s in (0, 1)}
     adapt_rows = {f"adapt@{r}" for r in ("fair_source", "at_like", "vspa", "mila_like", "bg_only")}
     training = {"pretrain", "oracle", "pretrain_augsim", *adapt_rows, *pairing}
     assert changed_after_edit("src/vspa/presets/synth_fog.yaml") == {"prepare", *training}
     assert training <= changed_after_edit("src/vspa/data/transforms.py")
     assert changed_after_edit("src/vspa/training/precision.py") == training  # mixed precision: the training loops
+
+
+def readme_sweep_block() -> list[str]:
+    """The command lines of the README's marked sweep example (comments stripped)."""
+    text = (ROOT / "README.md").read_text()
+    marker = "<!-- sweep-example: executed by tests/test_e2e_dvc.py -->"
+    assert marker in text, "the README lost its marked sweep example"
+    block = text.split(marker, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines() if line.strip()]
+
+
+@pytest.mark.e2e
+def test_readme_sweep_example_runs(tiny_repo):
+    """Last in this file: it commits the tiny repo and leaves the last experiment in its workspace."""
+    import time
+
+    repo, env = tiny_repo
+    env = dict(env, PATH=f"{BIN}{os.pathsep}{env['PATH']}")
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "tiny pipeline"], repo, env)
+    outputs = {}
+    for line in readme_sweep_block():
+        outputs[line] = _run(["bash", "-c", line], repo, env).stdout
+        if line.startswith("dvc queue start"):
+            deadline = time.time() + 900
+            while True:  # the worker runs the queued experiments in the background
+                status = _run([str(BIN / "dvc"), "queue", "status"], repo, env).stdout
+                if not any(word in status for word in ("Queued", "Running")):
+                    break
+                assert time.time() < deadline, f"queued experiments still running:\n{status}"
+                time.sleep(5)
+            assert "Failed" not in status, status
+            assert status.count("Success") == 2, status
+    shown = next(out for line, out in outputs.items() if line.startswith("dvc exp show"))
+    print(shown)
+    assert "reports/metrics/vspa.json" in shown or "vspa.json" in shown  # the changed row's mAP ...
+    assert "adapt_vspa.fg_mode" in shown and "adapt_vspa.bg_mode" in shown  # ... and the changed params
+    assert "diagnostics" not in shown and "at_like.json" not in shown  # unchanged rows are not listed
+    names = _run([str(BIN / "dvc"), "exp", "list", "--name-only"], repo, env).stdout.split()
+    assert len(names) == 3, names
+    diff = outputs["dvc metrics diff && dvc plots diff"]
+    assert "reports/metrics/vspa.json" in diff and "mAP" in diff
