@@ -184,6 +184,11 @@ def write_tables(results: dict[int, dict], out: Path, meta: dict) -> dict:
         text = seedstats.render(summary, ROW_DESCRIPTIONS, split=SPLITS[split_key].replace("_", " "))
         head = (f"Written by `python benchmarks/bench_rows.py` ({meta['command']}): {meta['jobs']} runs at a time, "
                 f"each pinned to {meta['threads']} thread(s), on {meta['machine']}; torch {meta['torch']}.\n\n")
+        if split_key == "test":  # how often each method's teacher drifted, beside the means
+            diags = {s: {row: json.loads(f.read_text()) for f in sorted((out / f"seed{s}" / "diagnostics").glob("*.json"))
+                         for row in [f.stem]} for s in results}
+            report["teacher_drift"] = seedstats.teacher_drift(diags)
+            text += seedstats.render_drift(report["teacher_drift"], ROW_DESCRIPTIONS)
         write_text_atomic(out / ("rows.md" if split_key == "test" else f"rows_{split_key}.md"), head + text)
         if split_key == "test":
             seedstats.plot_differences(summary, out / "diffs.png", ROW_DESCRIPTIONS)

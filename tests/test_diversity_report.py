@@ -41,3 +41,14 @@ def test_compare_levels_pairs_within_a_level_and_compares_across():
     two = diversity.compare_levels({"standard": standard, "high": high}, ["vspa"], [("vspa", "at_like")], seeds=[0, 1])
     assert two["pairs"]["vspa - at_like"]["per_level"]["high"]["n"] == 2
     assert not math.isnan(two["rows"]["vspa"]["standard"]["mAP"]["mean"])
+
+
+def test_teacher_drift_counts_runs_below_the_precision_threshold():
+    from vspa.reporting.seeds import render_drift, teacher_drift
+
+    diags = {0: {"at_like": {"second_half": {"pseudo_precision": 0.88, "pseudo_per_image": 2.0}},
+                 "fair_source": {"second_half": {"pseudo_precision": None}}},
+             2: {"at_like": {"second_half": {"pseudo_precision": 0.44, "pseudo_per_image": 3.9}}}}
+    drift = teacher_drift(diags)
+    assert drift == {"at_like": {"precision": {0: 0.88, 2: 0.44}, "per_image": {0: 2.0, 2: 3.9}, "drifted": [2]}}
+    assert "| AT | 2 | 1/2 (seed 2) | 0.88, 0.44 | 2.0, 3.9 |" in render_drift(drift, {"at_like": "AT"})

@@ -181,3 +181,42 @@ def plot_differences(summary: dict, path: Path, descriptions: dict[str, str]) ->
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+
+
+DRIFT_PRECISION = 0.6  # a teacher whose kept pseudo-labels are below this precision has drifted (README)
+
+
+def teacher_drift(diagnostics: dict[int, dict[str, dict]], threshold: float = DRIFT_PRECISION) -> dict:
+    """``diagnostics[seed][row]`` = an adaptation run's diagnostics.json -> per row: the second-half pseudo-label
+    precision and count per image of each seed, and the seeds whose precision is below ``threshold``.
+
+    A mean-teacher run either keeps precise pseudo-labels or drifts into confirming its own false positives;
+    the paired mean difference hides how often each method does the latter, so the bench reports it apart."""
+    out: dict = {}
+    for seed in sorted(diagnostics):
+        for row, diag in diagnostics[seed].items():
+            half = (diag or {}).get("second_half") or {}
+            precision, per_image = half.get("pseudo_precision"), half.get("pseudo_per_image")
+            if precision is None:
+                continue
+            entry = out.setdefault(row, {"precision": {}, "per_image": {}, "drifted": []})
+            entry["precision"][seed], entry["per_image"][seed] = precision, per_image
+            if precision < threshold:
+                entry["drifted"].append(seed)
+    return out
+
+
+def render_drift(drift: dict, descriptions: dict[str, str], threshold: float = DRIFT_PRECISION) -> str:
+    if not drift:
+        return ""
+    lines = ["", f"Teacher drift: second-half precision of the teacher's kept pseudo-labels on target train (checked "
+             f"against its labels, for this diagnostic only), per seed; a run below {threshold} has drifted:", "",
+             "| Method | seeds | drifted | precision per seed | pseudo-labels per image per seed |",
+             "|---|---:|---|---|---|"]
+    for row, d in drift.items():
+        n = len(d["precision"])
+        lines.append(f"| {descriptions.get(row, row)} | {n} | {len(d['drifted'])}/{n}"
+                     + (f" (seed {', '.join(map(str, d['drifted']))})" if d["drifted"] else "") + " | "
+                     + ", ".join(f"{v:.2f}" for v in d["precision"].values()) + " | "
+                     + ", ".join("-" if v is None else f"{v:.1f}" for v in d["per_image"].values()) + " |")
+    return "\n".join(lines) + "\n"
