@@ -109,7 +109,9 @@ def test_repro_runs_the_augsim_experiment(tiny_repo):
     modes = ("exact", "color", "flip", "color_flip")
     assert {"augsim", "pretrain_augsim", "extract_memory_augsim", "subsample_augsim", "augsim_report"} <= stages
     runs = [f"{m}_s{k}" for m in modes for k in (0, 1)]  # two adaptation seeds per mode
-    assert {f"adapt_pairing@{r}" for r in runs} | {"evaluate_augsim@source_only"} <= stages
+    matrix = [f"{m}-{k}" for m in modes for k in (0, 1)]  # dvc.yaml's matrix: mode x seed
+    assert {f"adapt_pairing@{r}" for r in matrix} | {f"evaluate_augsim@{r}" for r in matrix} <= stages
+    assert "evaluate_augsim_source" in stages
     for name in runs + ["source_only"]:
         metrics = json.loads((repo / "reports" / "augsim" / "metrics" / f"augsim_{name}.json").read_text())
         info = json.loads((repo / "reports" / "augsim" / "metrics" / "info" / f"augsim_{name}.json").read_text())
@@ -146,7 +148,7 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     assert changed_after("oracle", "lr", 0.005) == {"oracle"}
     assert changed_after("subsample", "fg_ratio", 0.7) == {"subsample", "subsample_augsim"}
     assert changed_after("adapt_vspa", "lambda_fg", 0.1) == {"adapt@vspa"}
-    assert changed_after("adapt_pairing_flip", "pairing_mode", "exact") == {"adapt_pairing@flip_s0", "adapt_pairing@flip_s1"}
+    assert changed_after("adapt_pairing_flip", "pairing_mode", "exact") == {"adapt_pairing@flip-0", "adapt_pairing@flip-1"}
     assert changed_after("augsim", "fog_beta", 0.05) == {"augsim"}
     assert changed_after("translate", "lambda_ga", 0.5) == {f"translate_train@{v}" for v in ("cut", "attention", "attention_lg")}
     changed = changed_after("evaluate", "iou", 0.6)
@@ -174,7 +176,7 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     # The scenario files are read at run time (real-data checks, older null-style params files): editing one
     # reruns the stages that read them (the adaptation runs included), and nothing else. (Their values reach
     # params.yaml through `make params` / `dvc exp run -S`.) The augmentations are code of every training stage.
-    pairing = {f"adapt_pairing@{m}_s{s}" for m in ("exact", "color", "flip", "color_flip") for s in (0, 1)}
+    pairing = {f"adapt_pairing@{m}-{s}" for m in ("exact", "color", "flip", "color_flip") for s in (0, 1)}
     adapt_rows = {f"adapt@{r}" for r in ("fair_source", "at_like", "vspa", "mila_like", "bg_only")}
     training = {"pretrain", "oracle", "pretrain_augsim", *adapt_rows, *pairing}
     assert changed_after_edit("src/vspa/presets/synth_fog.yaml") == {"prepare", *training}
