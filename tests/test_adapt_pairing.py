@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import DiesAfter, Killed, untrained_source_and_memory
 
-from vspa.adaptation import trainer as trainer_module
+from vspa.adaptation import data as data_module
+from vspa.adaptation import step as step_module
 from vspa.adaptation.pairing import PairingBank, differing_attributes
 from vspa.adaptation.trainer import (
     AdaptConfig,
@@ -135,14 +136,14 @@ def test_positives_are_the_bank_entries_of_the_promised_counterpart(pairing_inpu
     that row's counterpart differs from the object as the student sees it in exactly the mode's attributes."""
     torch.set_num_threads(1)
     calls = []
-    original = trainer_module.pairing_triplets
+    original = step_module.pairing_triplets
 
     def spy(bank, retriever, anchors, labels, object_ids, mirrored, generator):
         triplets = original(bank, retriever, anchors, labels, object_ids, mirrored, generator)
         calls.append((bank, object_ids.clone(), mirrored.clone(), triplets.positive.detach().clone()))
         return triplets
 
-    monkeypatch.setattr(trainer_module, "pairing_triplets", spy)
+    monkeypatch.setattr(step_module, "pairing_triplets", spy)  # looked up by StudentStep in step.py
     mode = "color"
     cfg = pairing_cfg(pairing_inputs, iterations=1, pairing_mode=mode)
     data = make_data(pairing_inputs, cfg)
@@ -158,7 +159,7 @@ def test_positives_are_the_bank_entries_of_the_promised_counterpart(pairing_inpu
     found = object_ids >= 0
     assert found.any() and len(positive) == int(found.sum())
     # the weak views of iteration 0: which objects each image holds and whether it was mirrored
-    *_, pairs = trainer_module._batch(data, cfg, 0, range(cfg.batch_size), torch.device("cpu"))
+    *_, pairs = data_module._batch(data, cfg, 0, range(cfg.batch_size), torch.device("cpu"))
     flipped_of = {int(o): p["flipped"] for p in pairs for o in p["object_ids"]}
     table = data.pairing_table
     index = {int(o): i for i, o in enumerate(reference.object_ids)}
