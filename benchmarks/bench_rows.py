@@ -126,24 +126,26 @@ class Chain:
             return all((r / d / f"{row}.json").is_file() for d in ("metrics", "metrics_val"))
 
         if not all(evaluated(row) for row in self.rows if row != "oracle_on_target"):
-            self.run("pretrain", ["stages/pretrain.py", "--out", str(source), "--log",
+            self.run("pretrain", ["stages/pretrain.py", "--data", str(DATA / "source_train"), "--out", str(source), "--log",
                                   str(m / "logs/pretrain_losses.csv"), "--work-dir", str(m / "source/work")], source)
         adapt_rows = [row for row in ADAPT_ROWS if row in self.rows and not evaluated(row)]
         if any(row in ("vspa", "mila_like", "bg_only") for row in adapt_rows):
-            self.run("extract_memory", ["stages/extract_memory.py", "--model", str(source), "--out",
+            self.run("extract_memory", ["stages/extract_memory.py", "--model", str(source), "--data",
+                                        str(DATA / "source_train"), "--out",
                                         str(m / "memory/full.h5"), "--stats", str(m / "logs/extract.json")], memory)
             self.run("subsample", ["stages/subsample.py", "--memory", str(m / "memory/full.h5"), "--out", str(memory),
                                    "--coverage", str(m / "logs/coverage.json")], memory)
         for row in adapt_rows:  # loss logs stay with the models; the small diagnostics are kept beside the metrics
             logs = m / "logs" / "adapt" / row
             self.run(f"adapt_{row}", ["stages/adapt.py", "--name", row, "--model", str(source), "--memory", str(memory),
+                                      "--source", str(DATA / "source_train"), "--target", str(DATA / "target_train"),
                                       "--out", str(m / "adapt" / row), "--log-dir", str(logs)],
                      m / "adapt" / row / "model.pt")
             kept = r / "diagnostics" / f"{row}.json"
             if not kept.is_file():
                 write_json_atomic(kept, json.loads((logs / "diagnostics.json").read_text()))
         if "oracle_on_target" in self.rows and not evaluated("oracle_on_target"):
-            self.run("oracle", ["stages/oracle.py", "--out", str(oracle), "--log", str(m / "logs/oracle_losses.csv"),
+            self.run("oracle", ["stages/oracle.py", "--data", str(DATA / "target_train"), "--out", str(oracle), "--log", str(m / "logs/oracle_losses.csv"),
                                 "--work-dir", str(m / "oracle/work")], oracle)
         checkpoints = {"source_on_target": source, "oracle_on_target": oracle,
                        **{row: m / "adapt" / row / "model.pt" for row in ADAPT_ROWS}}

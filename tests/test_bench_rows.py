@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +72,45 @@ def test_plot_differences_writes_a_png(tmp_path):
     summary = seeds.summarise(results, ["at_like", "vspa"], ["at_like"])
     seeds.plot_differences(summary, tmp_path / "d.png", {})
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_chain_step_reads_the_bench_data_folder(tmp_path, monkeypatch):
+    """A chain with --data elsewhere must train and evaluate on that folder: no step may fall back to a stage
+    script's default data/benchmark path (the diversity study's first run did, training on the standard data)."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_rows", root / "benchmarks" / "bench_rows.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_rows"] = bench
+    spec.loader.exec_module(bench)
+    data = tmp_path / "other_data"
+    monkeypatch.setattr(bench, "DATA", data)
+    calls = []
+
+    def fake_run(self, step, args, output):
+        calls.append((step, args))
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if step.startswith("evaluate"):
+            output.write_text(json.dumps({"mAP": 1.0, "AP": {"car": 1.0}}))
+        elif step.startswith("adapt"):
+            logs = Path(args[args.index("--log-dir") + 1])
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / "diagnostics.json").write_text("{}")
+
+    monkeypatch.setattr(bench.Chain, "run", fake_run)
+    params = tmp_path / "params.yaml"
+    params.write_text((root / "params.yaml").read_text())
+    chain = bench.Chain(0, list(bench.ORDER), params, tmp_path / "out", tmp_path / "work", 1, 0)
+    chain.go()
+    by_step = dict(calls)
+    assert {"pretrain", "oracle", "extract_memory", "adapt_vspa", "adapt_at_like"} <= set(by_step)
+    for step, args in calls:
+        if step == "subsample":
+            continue  # reads the memory file only
+        paths = [a for a in args if a.startswith(str(data))]
+        assert paths, f"{step} reads no file under --data: {args}"
+        if step.startswith("adapt"):
+            assert {str(data / "source_train"), str(data / "target_train")} <= set(args)
