@@ -15,7 +15,9 @@ target test), ``<log-dir>/losses.csv`` (losses per iteration, for ``dvc plots``)
 :mod:`vspa.adaptation.diagnostics`: ``<log-dir>/diagnostics.json`` (DVC metrics: discriminator accuracies,
 active triplets, gradient shares, pseudo-label precision / recall), ``diagnostics.csv`` and ``grad_shares.csv``
 (DVC plots). The resumable training state
-and any refreshed memory stay in ``<out>/work/``. Multi-process: torchrun --nproc_per_node=N stages/adapt.py.
+and any refreshed memory stay in ``<out>/work/``. Every path is an option without default (dvc.yaml passes them
+all; for ``--name vspa``: ``--out models/adapt/vspa --log-dir reports/adapt/vspa``).
+Multi-process: torchrun --nproc_per_node=N stages/adapt.py --name ... (the options of the stage's cmd).
 """
 
 from __future__ import annotations
@@ -47,12 +49,13 @@ def adapt_section(params: dict, name: str, path: str = "params.yaml") -> dict:
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
     name: str = typer.Option("vspa", help="Run name: reads the optional override section adapt_<name>."),
-    model: Path = typer.Option(Path("models/source/model.pt"), help="Source detector checkpoint (student's start)."),
-    source: Path = typer.Option(Path("data/benchmark/source_train"), help="Labelled source split folder."),
-    target: Path = typer.Option(Path("data/benchmark/target_train"), help="Unlabelled target split folder."),
-    memory: Path = typer.Option(Path("models/memory/subsampled.h5"), help="Memory file (read only if used)."),
-    out: Path = typer.Option(None, help="Output folder (default models/adapt/<name>)."),
-    log_dir: Path = typer.Option(None, help="Folder of losses.csv and summary.json (default reports/adapt/<name>)."),
+    model: Path = typer.Option(..., help="Source detector checkpoint (student's start); in dvc.yaml: "
+                               "models/source/model.pt."),
+    source: Path = typer.Option(..., help="Labelled source split folder; in dvc.yaml: data/benchmark/source_train."),
+    target: Path = typer.Option(..., help="Unlabelled target split folder; in dvc.yaml: data/benchmark/target_train."),
+    memory: Path = typer.Option(..., help="Memory file (read only if used); in dvc.yaml: models/memory/subsampled.h5."),
+    out: Path = typer.Option(..., help="Output folder; in dvc.yaml: models/adapt/<name>."),
+    log_dir: Path = typer.Option(..., help="Folder of losses.csv and summary.json; in dvc.yaml: reports/adapt/<name>."),
     seed: int = typer.Option(None, help="Overrides adapt.seed (default: the params' seed)."),
 ) -> None:
     def body() -> None:
@@ -68,8 +71,7 @@ def main(
             section["seed"] = seed
         section_name = f"adapt (+ adapt_{name})"
         cfg = AdaptConfig.from_params(section, name=section_name, path=params)
-        out_dir = out or Path("models/adapt") / name
-        logs = log_dir or Path("reports/adapt") / name
+        out_dir, logs = Path(out), Path(log_dir)
         source_json, target_json = source / "annotations.json", target / "annotations.json"
         memory_path = memory if cfg.needs_memory else None
         ctx = distributed.setup(cfg.device)

@@ -85,12 +85,14 @@ def examples_figure(original: Path, variants: Path, out: Path, count: int = 3) -
 
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
-    src: Path = typer.Option(Path("data/benchmark"), help="Folder with source_train/ and source_test/."),
-    augsim_out: Path = typer.Option(Path("data/augsim"), help="Output: AugSim splits and pairing/ variant sets."),
-    foggy_out: Path = typer.Option(Path("data/foggy_augsim"), help="Output: FoggyAugSim target splits."),
-    summary: Path = typer.Option(Path("reports/augsim/summary.json"), help="Output: counts per variant."),
+    src: Path = typer.Option(..., help="Folder with source_train/ and source_test/; in dvc.yaml: data/benchmark."),
+    augsim_out: Path = typer.Option(..., help="Output: AugSim splits and pairing/ variant sets; in dvc.yaml: "
+                                    "data/augsim."),
+    foggy_out: Path = typer.Option(..., help="Output: FoggyAugSim target splits; in dvc.yaml: data/foggy_augsim."),
+    summary: Path = typer.Option(..., help="Output: counts per variant; in dvc.yaml: reports/augsim/summary.json."),
     examples: Path = typer.Option(
-        Path("reports/augsim/examples.png"), help="Output: original / colour / colour+flip / flip of a few images."
+        ..., help="Output: original / colour / colour+flip / flip of a few images; in dvc.yaml: "
+        "reports/augsim/examples.png."
     ),
 ) -> None:
     def body() -> None:

@@ -127,8 +127,10 @@ def bar_plot(rows: list[dict], path: Path, baseline: float | None = None) -> Non
 
 
 def main(
-    metrics_dir: Path = typer.Option(Path("reports/metrics"), help="Folder of augsim_<mode>_s<seed>.json."),
-    out_dir: Path = typer.Option(Path("reports/augsim"), help="Output folder: table.md, results.json, bar.png."),
+    metrics_dir: Path = typer.Option(..., help="Folder of augsim_<mode>_s<seed>.json; in dvc.yaml: "
+                                     "reports/augsim/metrics."),
+    out_dir: Path = typer.Option(..., help="Output folder: table.md, results.json, bar.png; in dvc.yaml: "
+                                 "reports/augsim."),
     baseline: str = typer.Option("augsim_source_only", help="Metrics name of the source-only reference (optional)."),
 ) -> None:
     def body() -> None:

@@ -1,10 +1,13 @@
 """Stage evaluate: VOC AP50 per class and mAP of one checkpoint on one dataset split.
 
-Writes reports/metrics/<name>.json (the DVC metrics: VOC and COCO-style AP50, mAP; small, kept in git),
-reports/metrics/info/<name>.json (image, GT and detection counts, IoU, checkpoint and data paths) and
-reports/plots/pr/<name>.csv (PR curves, class,recall,precision, at most 200 points per class). Reads params: evaluate.device, evaluate.iou,
-evaluate.batch_size, evaluate.subsets (optional, from the scenario preset: named subsets of the split's
-images scored on their own, e.g. each fog level of Foggy Cityscapes; under "subsets" in the metrics file).
+Writes ``<metrics-dir>/<name>.json`` (the DVC metrics: VOC and COCO-style AP50, mAP; small, kept in git; in
+dvc.yaml: reports/metrics), ``<info-dir>/<name>.json`` (image, GT and detection counts, IoU, checkpoint and data
+paths; reports/metrics/info) and ``<plots-dir>/<name>.csv`` (PR curves, class,recall,precision, at most 200
+points per class; reports/plots/pr). The input and output paths are options without default, except
+``--info-dir``, which falls back to ``<metrics-dir>/info`` (dvc.yaml passes it too). Reads params:
+evaluate.device, evaluate.iou, evaluate.batch_size, evaluate.subsets (optional, from the scenario preset: named
+subsets of the split's images scored on their own, e.g. each fog level of Foggy Cityscapes; under "subsets" in
+the metrics file).
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ PR_MAX_POINTS = 200
 
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
-    model: Path = typer.Option(Path("models/source/model.pt"), help="Detector checkpoint."),
-    data: Path = typer.Option(Path("data/benchmark/target_test"), help="Split folder with annotations.json."),
-    name: str = typer.Option("source_on_target", help="Output name: reports/metrics/<name>.json."),
-    metrics_dir: Path = typer.Option(Path("reports/metrics"), help="Folder of the metrics JSON."),
-    plots_dir: Path = typer.Option(Path("reports/plots/pr"), help="Folder of the PR-curve CSV."),
+    model: Path = typer.Option(..., help="Detector checkpoint."),
+    data: Path = typer.Option(..., help="Split folder with annotations.json."),
+    name: str = typer.Option("source_on_target", help="Output name: <metrics-dir>/<name>.json."),
+    metrics_dir: Path = typer.Option(..., help="Folder of the metrics JSON; in dvc.yaml: reports/metrics."),
+    plots_dir: Path = typer.Option(..., help="Folder of the PR-curve CSV; in dvc.yaml: reports/plots/pr."),
     info_dir: Path = typer.Option(None, help="Folder of <name>.json with the counts and provenance "
                                   "(default: <metrics-dir>/info)."),
 ) -> None:

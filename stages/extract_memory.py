@@ -1,8 +1,9 @@
 """Stage extract_memory: the source detector's foreground and background memories, as one HDF5 file.
 
-Writes models/memory/full.h5 (see vspa.memory.store for the layout) and reports/memory/extract.json
-(entry counts, images per second). Reads params: extract_memory.keep (all | correct),
-extract_memory.batch_size, extract_memory.device, extract_memory.chunk_rows.
+Writes ``--out`` (in dvc.yaml: models/memory/full.h5; see vspa.memory.store for the layout) and ``--stats``
+(reports/memory/extract.json: entry counts, images per second); every path is an option without default.
+Reads params: extract_memory.keep (all | correct), extract_memory.batch_size, extract_memory.device,
+extract_memory.chunk_rows.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from vspa.utils import VspaError, get_device, run_stage, sha256_file, write_json
 
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
-    model: Path = typer.Option(Path("models/source/model.pt"), help="Source detector checkpoint."),
-    data: Path = typer.Option(Path("data/benchmark/source_train"), help="Labelled source split (annotations.json)."),
-    out: Path = typer.Option(Path("models/memory/full.h5"), help="Output memory file."),
-    stats: Path = typer.Option(Path("reports/memory/extract.json"), help="Output extraction statistics."),
+    model: Path = typer.Option(..., help="Source detector checkpoint; in dvc.yaml: models/source/model.pt."),
+    data: Path = typer.Option(..., help="Labelled source split (annotations.json); in dvc.yaml: "
+                              "data/benchmark/source_train."),
+    out: Path = typer.Option(..., help="Output memory file; in dvc.yaml: models/memory/full.h5."),
+    stats: Path = typer.Option(..., help="Output extraction statistics; in dvc.yaml: reports/memory/extract.json."),
 ) -> None:
     def body() -> None:
         cfg = stage_config(params, "extract_memory")["extract_memory"]

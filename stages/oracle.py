@@ -1,8 +1,9 @@
 """Stage oracle: supervised training on the target training split with its labels (the upper bound).
 
-Writes models/oracle/model.pt, reports/oracle/losses.csv and keeps its resumable state in
-models/oracle/work/last.pt. Reads params: model.*, oracle.*.
-Multi-process: torchrun --nproc_per_node=N stages/oracle.py.
+Writes ``--out`` (in dvc.yaml: models/oracle/model.pt), ``--log`` (reports/oracle/losses.csv) and keeps its
+resumable state in ``<work-dir>/last.pt`` (models/oracle/work). Reads params: model.*, oracle.*. Every path is
+an option without default: dvc.yaml passes them all.
+Multi-process: torchrun --nproc_per_node=N stages/oracle.py --data ... (the options of the stage's cmd).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from vspa.utils import run_stage
 
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
-    data: Path = typer.Option(Path("data/benchmark/target_train"), help="Labelled target split folder."),
-    out: Path = typer.Option(Path("models/oracle/model.pt"), help="Output detector checkpoint."),
-    log: Path = typer.Option(Path("reports/oracle/losses.csv"), help="Output loss log (CSV)."),
-    work_dir: Path = typer.Option(Path("models/oracle/work"), help="Resumable training state."),
+    data: Path = typer.Option(..., help="Labelled target split folder; in dvc.yaml: data/benchmark/target_train."),
+    out: Path = typer.Option(..., help="Output detector checkpoint; in dvc.yaml: models/oracle/model.pt."),
+    log: Path = typer.Option(..., help="Output loss log (CSV); in dvc.yaml: reports/oracle/losses.csv."),
+    work_dir: Path = typer.Option(..., help="Resumable training state; in dvc.yaml: models/oracle/work."),
 ) -> None:
     run_stage(run_training_stage, params, "oracle", data, out, log, work_dir, "oracle training on labelled target data")
 

@@ -123,8 +123,8 @@ def prepare(params_path: str, out: Path, summary_path: Path, workers: int, progr
 
 def main(
     params: str = typer.Option("params.yaml", help="Params file (reads `scenario`, `data.root`, `prepare:`)."),
-    out: Path = typer.Option(Path("data/benchmark"), help="Folder of the four splits (replaced as a whole)."),
-    summary: Path = typer.Option(Path("reports/data/summary.json"), help="Summary JSON: counts and seconds."),
+    out: Path = typer.Option(..., help="Folder of the four splits (replaced as a whole); in dvc.yaml: data/benchmark."),
+    summary: Path = typer.Option(..., help="Summary JSON: counts and seconds; in dvc.yaml: reports/data/summary.json."),
     workers: int = typer.Option(2, help="Processes that render the synthetic benchmark."),
 ) -> None:
     """Generate the embedded benchmark or import COCO-format splits into --out."""

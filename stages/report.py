@@ -1,6 +1,7 @@
 """Stage report: the comparison table of the evaluated models (markdown + JSON).
 
-Reads reports/metrics/<row>.json for each row; a row without its file is listed as missing. Reads params:
+Reads ``<metrics-dir>/<row>.json`` (in dvc.yaml: reports/metrics) for each row; a row without its file is listed
+as missing. Writes ``--out`` (markdown) and ``--json-out``; every path is an option without default. Reads params:
 scenario (to add the paper's numbers when the paper reports that scenario; see --paper).
 """
 
@@ -18,9 +19,9 @@ from vspa.utils import VspaError, run_stage
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
     rows: str = typer.Option("source_on_target,at_like,vspa,oracle_on_target", help="Comma-separated row names."),
-    out: Path = typer.Option(Path("reports/comparison.md"), help="Markdown table."),
-    json_out: Path = typer.Option(Path("reports/comparison.json"), help="Same numbers as JSON."),
-    metrics_dir: Path = typer.Option(Path("reports/metrics"), help="Folder of the metrics JSON files."),
+    out: Path = typer.Option(..., help="Markdown table, e.g. reports/comparison.md."),
+    json_out: Path = typer.Option(..., help="Same numbers as JSON, e.g. reports/comparison.json."),
+    metrics_dir: Path = typer.Option(..., help="Folder of the metrics JSON files; in dvc.yaml: reports/metrics."),
     source: str = typer.Option("source_on_target", help="Row that is 0% of the gap."),
     oracle: str = typer.Option("oracle_on_target", help="Row that is 100% of the gap."),
     paper: str = typer.Option(

@@ -1,8 +1,9 @@
 """Stage subsample: coreset (greedy k-center) or random subset of the source memories.
 
-Writes models/memory/subsampled.h5 (the full memory's schema plus fg/index and bg/index, each kept row's
-place in the full memory) and reports/memory/coverage.json (entries, kept and coverage radius per class
-and for the background, next to a random subset's radius). Reads params: subsample.method
+Writes ``--out`` (in dvc.yaml: models/memory/subsampled.h5; the full memory's schema plus fg/index and bg/index,
+each kept row's place in the full ``--memory``) and ``--coverage`` (reports/memory/coverage.json: entries, kept
+and coverage radius per class and for the background, next to a random subset's radius); every path is an option
+without default. Reads params: subsample.method
 (coreset | random | none), subsample.fg_ratio, subsample.bg_ratio, subsample.projection_dim (0 = none),
 subsample.seed, subsample.device.
 """
@@ -21,9 +22,9 @@ from vspa.utils import get_device, run_stage, sha256_file, write_json_atomic
 
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
-    memory: Path = typer.Option(Path("models/memory/full.h5"), help="Full memory file."),
-    out: Path = typer.Option(Path("models/memory/subsampled.h5"), help="Output subsampled memory file."),
-    coverage: Path = typer.Option(Path("reports/memory/coverage.json"), help="Output coverage report."),
+    memory: Path = typer.Option(..., help="Full memory file; in dvc.yaml: models/memory/full.h5."),
+    out: Path = typer.Option(..., help="Output subsampled memory file; in dvc.yaml: models/memory/subsampled.h5."),
+    coverage: Path = typer.Option(..., help="Output coverage report; in dvc.yaml: reports/memory/coverage.json."),
 ) -> None:
     def body() -> None:
         cfg = stage_config(params, "subsample")["subsample"]

@@ -1,6 +1,6 @@
 """Stage translate_apply: translate the target test images into the source style with one variant.
 
-Writes ``<out-dir>/<variant>/<split name>/`` (default ``data/translated/<variant>/target_test``): the
+Writes ``<out-dir>/<variant>/<split name>/`` (in dvc.yaml: ``data/translated/<variant>/target_test``): the
 translated images and a copy of ``annotations.json`` with the same ids, so that
 ``python stages/evaluate.py --model models/source/model.pt --data data/translated/<variant>/target_test
 --name translate_<variant>`` measures the frozen source detector on them. Reads params: translate.device.
@@ -21,9 +21,11 @@ from vspa.utils import VspaError, get_device, run_stage
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
     variant: Optional[str] = typer.Option(None, help="cut | attention | attention_lg (default: translate.variant)."),
-    data: Path = typer.Option(Path("data/benchmark/target_test"), help="Split to translate."),
-    models_dir: Path = typer.Option(Path("models/translator"), help="The translator is <models-dir>/<variant>/model.pt."),
-    out_dir: Path = typer.Option(Path("data/translated"), help="Output: <out-dir>/<variant>/<name of --data>."),
+    data: Path = typer.Option(..., help="Split to translate; in dvc.yaml: data/benchmark/target_test."),
+    models_dir: Path = typer.Option(..., help="The translator is <models-dir>/<variant>/model.pt; in dvc.yaml: "
+                                    "models/translator."),
+    out_dir: Path = typer.Option(..., help="Output: <out-dir>/<variant>/<name of --data>; in dvc.yaml: "
+                                 "data/translated."),
 ) -> None:
     def body() -> None:
         cfg = stage_config(params, "translate")["translate"]

@@ -4,7 +4,8 @@ Reads params section ``translate`` (see ``vspa.translation.trainer.TranslateConf
 overrides ``translate.variant`` (dvc.yaml runs a foreach over the three variants). Writes
 ``<out-dir>/<variant>/model.pt`` (the translator), ``<out-dir>/<variant>/train_state.pt`` (the resumable
 training state, persistent), ``<reports-dir>/<variant>_losses.csv`` (dvc plots) and
-``<reports-dir>/<variant>_grid.png`` (input | translated | attention masks of four target images).
+``<reports-dir>/<variant>_grid.png`` (input | translated | attention masks of four target images). Every path is
+an option without default (in dvc.yaml: ``--out-dir models/translator --reports-dir reports/translate``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from vspa.utils import run_stage
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
     variant: Optional[str] = typer.Option(None, help="cut | attention | attention_lg (default: translate.variant)."),
-    target: Path = typer.Option(Path("data/benchmark/target_train"), help="Target split (images to translate)."),
-    source: Path = typer.Option(Path("data/benchmark/source_train"), help="Source split (the style to reach)."),
-    out_dir: Path = typer.Option(Path("models/translator"), help="Models go to <out-dir>/<variant>/."),
-    reports_dir: Path = typer.Option(Path("reports/translate"), help="Loss CSV and grid PNG folder."),
+    target: Path = typer.Option(..., help="Target split (images to translate); in dvc.yaml: "
+                                "data/benchmark/target_train."),
+    source: Path = typer.Option(..., help="Source split (the style to reach); in dvc.yaml: "
+                                "data/benchmark/source_train."),
+    out_dir: Path = typer.Option(..., help="Models go to <out-dir>/<variant>/; in dvc.yaml: models/translator."),
+    reports_dir: Path = typer.Option(..., help="Loss CSV and grid PNG folder; in dvc.yaml: reports/translate."),
 ) -> None:
     def body() -> None:
         section = dict(stage_config(params, "translate")["translate"])

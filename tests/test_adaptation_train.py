@@ -289,7 +289,8 @@ def test_stage_end_to_end_writes_an_evaluable_teacher(tiny_inputs, tmp_path):
     write_params(tmp_path / "params.yaml")
     common = ["--params", "params.yaml", "--model", str(tiny_inputs["model"]), "--source", str(bench / "source_train"),
               "--target", str(bench / "target_train"), "--memory", str(tiny_inputs["memory"])]
-    proc = run_stage([*common, "--name", "vspa"], tmp_path)
+    proc = run_stage([*common, "--name", "vspa", "--out", "models/adapt/vspa", "--log-dir", "reports/adapt/vspa"],
+                     tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = tmp_path / "models" / "adapt" / "vspa" / "model.pt"
     detector, meta = checkpoint.load(model)
@@ -306,7 +307,8 @@ def test_stage_end_to_end_writes_an_evaluable_teacher(tiny_inputs, tmp_path):
     assert summary["iterations"] == 2 and summary["align_sec_per_iter"] > 0
 
     # the full method with a missing memory file: one line naming the file, exit status 2
-    proc = run_stage([*common[:-1], str(tmp_path / "absent.h5"), "--name", "vspa2"], tmp_path)
+    proc = run_stage([*common[:-1], str(tmp_path / "absent.h5"), "--name", "vspa2", "--out", "models/adapt/vspa2",
+                      "--log-dir", "reports/adapt/vspa2"], tmp_path)
     assert proc.returncode == 2
     assert "absent.h5: memory file not found" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -339,7 +339,7 @@ def run_evaluate_stage(tmp_path, model, monkeypatch):
     spec = importlib.util.spec_from_file_location("evaluate_stage", path)
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
-    monkeypatch.chdir(tmp_path)  # the default output folders are relative to the project root
+    monkeypatch.chdir(tmp_path)  # the output folders (those of dvc.yaml) are relative to the project root
     stage.main(params=str(params), model=model, data=tmp_path / "split", name="tiny",
                metrics_dir=Path("reports/metrics"), plots_dir=Path("reports/plots/pr"))
 
