@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import DiesAfter, Killed, untrained_source_and_memory
 
 from vspa.adaptation.align import (
@@ -173,6 +174,9 @@ def test_config_defaults_errors_and_override_section():
     at_like = AdaptConfig.from_params({"iterations": 5, "batch_size": 2, "lr": 0.01, "fg_mode": "off",
                                        "bg_mode": "off"})
     assert not at_like.needs_memory
+    # `-S adapt_vspa.bg_mode=off` is written unquoted, and YAML 1.1 reads it back as false: still "off"
+    unquoted = AdaptConfig.from_params(yaml.safe_load("iterations: 5\nbatch_size: 2\nlr: 0.01\nbg_mode: off\n"))
+    assert unquoted.bg_mode == "off" and not unquoted.use_bg
     sys.path.insert(0, str(ROOT / "stages"))
     from adapt import adapt_section
 

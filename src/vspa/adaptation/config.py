@@ -84,6 +84,8 @@ class AdaptConfig:
                 value = getattr(cfg, f.name)
                 if f.type == "bool" and not isinstance(value, bool):
                     raise TypeError(f"{f.name} must be true or false, got {value!r}")
+                if f.type == "str" and value is False:  # YAML 1.1 reads an unquoted `off` (e.g. written by
+                    value = "off"                       # `dvc exp run -S adapt.bg_mode=off`) as false
                 setattr(cfg, f.name, {"int": int, "float": float, "bool": bool, "str": str}[f.type](value))
         except (TypeError, ValueError) as exc:
             raise VspaError(f"{path}: section '{name}:' has a value of the wrong type ({exc}).") from exc
