@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from smoke_real import smoke_params  # noqa: E402
+from smoke_real import project_copy, smoke_params  # noqa: E402
 from vspa.config import load_preset  # noqa: E402
 from vspa.data.smoke import SCENARIOS, write_fixture, write_random_weights  # noqa: E402
 from vspa.utils import VspaError, run_stage, write_json_atomic, write_text_atomic  # noqa: E402
@@ -81,12 +81,7 @@ def mib(path: Path) -> float:
 
 
 def run_scenario(scenario: str, work: Path, iterations: int, threads: int, adapt_batch: int | None = None) -> dict:
-    repo = work / scenario
-    repo.mkdir(parents=True)
-    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    repo = project_copy(work / scenario)
     preset = load_preset(scenario)
     batch = {"pretrain": int(preset["pretrain"]["batch_size"]),
              "adapt": adapt_batch or int(preset["adapt"]["batch_size"])}

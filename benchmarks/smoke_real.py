@@ -65,13 +65,18 @@ def smoke_params(scenario: str, data_root: Path, weights: Path, iterations: int,
     return _merge(compose(ROOT / "conf", [f"scenario={scenario}"]), over)  # what `-S scenario=...` composes
 
 
-def run_scenario(scenario: str, work: Path, iterations: int, device: str) -> dict:
-    repo = work / scenario
+def project_copy(repo: Path) -> Path:
+    """A new folder ``repo`` with this project's dvc.yaml, ignore files, stages/ and src/ (what a stage runs)."""
     repo.mkdir(parents=True)
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return repo
+
+
+def run_scenario(scenario: str, work: Path, iterations: int, device: str) -> dict:
+    repo = project_copy(work / scenario)
     start = time.perf_counter()
     data_root = write_fixture(scenario, repo / "datasets")
     backbone = load_preset(scenario)["model"]["backbone"]
