@@ -4,10 +4,10 @@ Writes ``<metrics-dir>/<name>.json`` (the DVC metrics: VOC and COCO-style AP50, 
 dvc.yaml: reports/metrics), ``<info-dir>/<name>.json`` (image, GT and detection counts, IoU, checkpoint and data
 paths; reports/metrics/info) and ``<plots-dir>/<name>.csv`` (PR curves, class,recall,precision, at most 200
 points per class; reports/plots/pr). The input and output paths are options without default, except
-``--info-dir``, which falls back to ``<metrics-dir>/info`` (dvc.yaml passes it too). Reads params:
-evaluate.device, evaluate.iou, evaluate.batch_size, evaluate.subsets (optional, from the scenario preset: named
-subsets of the split's images scored on their own, e.g. each fog level of Foggy Cityscapes; under "subsets" in
-the metrics file).
+``--info-dir``, which falls back to ``<metrics-dir>/info`` (dvc.yaml passes it too). Reads params
+(the section as :class:`vspa.evaluation.config.EvalConfig`): evaluate.device, evaluate.iou, evaluate.batch_size,
+evaluate.subsets (optional, from the scenario preset: named subsets of the split's images scored on their own,
+e.g. each fog level of Foggy Cityscapes; under "subsets" in the metrics file).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import typer
 
-from vspa.config import stage_config
+from vspa.config import parse_section, stage_config
+from vspa.evaluation.config import EvalConfig
 from vspa.evaluation.runner import evaluate_model, split_metrics, write_pr_csv
 from vspa.utils import VspaError, get_device, run_stage, write_json_atomic
 
@@ -34,18 +35,12 @@ def main(
                                   "(default: <metrics-dir>/info)."),
 ) -> None:
     def body() -> None:
-        cfg = stage_config(params, "evaluate")["evaluate"]
-        iou, batch_size = float(cfg.get("iou", 0.5)), int(cfg.get("batch_size", 8))
-        if not 0.0 < iou <= 1.0:
-            raise VspaError(f"{params}: evaluate.iou must be in (0, 1], got {iou}.")
+        section = stage_config(params, "evaluate")["evaluate"]
+        cfg = parse_section(EvalConfig, section, "evaluate", params)
         if not name or "/" in name or name.startswith("."):
             raise VspaError(f"--name '{name}': use a plain file name such as source_on_target.")
-        subsets = cfg.get("subsets") or {}
-        if not isinstance(subsets, dict):
-            raise VspaError(f"{params}: evaluate.subsets must map a name to image fields, e.g. "
-                            f"{{beta_0.02: {{fog_beta: 0.02}}}}; got {subsets!r}.")
-        metrics, curves = evaluate_model(model, data, get_device(cfg.get("device", "auto")), batch_size, iou,
-                                         subsets=subsets)
+        metrics, curves = evaluate_model(model, data, get_device(cfg.device), cfg.batch_size, cfg.iou,
+                                         subsets=cfg.subsets)
         results, info = split_metrics(metrics)
         write_pr_csv(plots_dir / f"{name}.csv", curves, max_points=PR_MAX_POINTS)
         info_folder = Path(info_dir) if isinstance(info_dir, (str, Path)) else Path(metrics_dir) / "info"  # also when
@@ -54,7 +49,7 @@ def main(
                           {"name": name, "checkpoint": str(model), "data": str(data), **info})
         write_json_atomic(metrics_dir / f"{name}.json", results)
         ap = ", ".join(f"{c} {'-' if v is None else f'{v:.1f}'}" for c, v in metrics["AP"].items())
-        m = metrics["mAP"]
+        m, iou = metrics["mAP"], cfg.iou
         typer.echo(f"{name}: mAP@{iou:g} {'-' if m is None else f'{m:.1f}'} ({ap}) on {metrics['num_images']} images")
         for sub, sm in metrics.get("subsets", {}).items():
             value = "-" if sm["mAP"] is None else f"{sm['mAP']:.1f}"

@@ -2,8 +2,8 @@
 
 Writes ``--out`` (in dvc.yaml: models/memory/full.h5; see vspa.memory.store for the layout) and ``--stats``
 (reports/memory/extract.json: entry counts, images per second); every path is an option without default.
-Reads params: extract_memory.keep (all | correct), extract_memory.batch_size, extract_memory.device,
-extract_memory.chunk_rows.
+Reads params (the section as :class:`vspa.memory.config.ExtractConfig`): extract_memory.keep (all | correct),
+extract_memory.batch_size, extract_memory.device, extract_memory.chunk_rows.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import typer
 
-from vspa.config import stage_config
+from vspa.config import parse_section, stage_config
 from vspa.data.coco import DetectionDataset, dataset_sha256
 from vspa.detection import checkpoint
+from vspa.memory.config import ExtractConfig
 from vspa.memory.extract import extract_memory
 from vspa.utils import VspaError, get_device, run_stage, sha256_file, write_json_atomic
 
@@ -28,8 +29,9 @@ def main(
     stats: Path = typer.Option(..., help="Output extraction statistics; in dvc.yaml: reports/memory/extract.json."),
 ) -> None:
     def body() -> None:
-        cfg = stage_config(params, "extract_memory")["extract_memory"]
-        device = get_device(cfg.get("device") or "auto")
+        section = stage_config(params, "extract_memory")["extract_memory"]
+        cfg = parse_section(ExtractConfig, section, "extract_memory", params)
+        device = get_device(cfg.device)
         detector, meta = checkpoint.load(model, device)
         json_path = data / "annotations.json"
         dataset = DetectionDataset(json_path)
@@ -43,9 +45,9 @@ def main(
             dataset,
             out,
             device=device,
-            keep=str(cfg.get("keep", "all")),
-            batch_size=int(cfg.get("batch_size", 8)),
-            chunk_rows=int(cfg.get("chunk_rows", 4096)),
+            keep=cfg.keep,
+            batch_size=cfg.batch_size,
+            chunk_rows=cfg.chunk_rows,
             attrs={
                 "checkpoint_sha256": sha256_file(model),
                 "dataset_sha256": dataset_sha256(json_path),

@@ -3,9 +3,9 @@
 Writes ``--out`` (in dvc.yaml: models/memory/subsampled.h5; the full memory's schema plus fg/index and bg/index,
 each kept row's place in the full ``--memory``) and ``--coverage`` (reports/memory/coverage.json: entries, kept
 and coverage radius per class and for the background, next to a random subset's radius); every path is an option
-without default. Reads params: subsample.method
-(coreset | random | none), subsample.fg_ratio, subsample.bg_ratio, subsample.projection_dim (0 = none),
-subsample.seed, subsample.device.
+without default. Reads params (the section as :class:`vspa.coreset.config.SubsampleConfig`):
+subsample.method (coreset | random | none), subsample.fg_ratio, subsample.bg_ratio, subsample.projection_dim
+(0 = none), subsample.seed, subsample.device.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import typer
 
-from vspa.config import stage_config
+from vspa.config import parse_section, stage_config
+from vspa.coreset.config import SubsampleConfig
 from vspa.coreset.kcenter import subsample_memory
 from vspa.memory.store import open_memory, write_memory
 from vspa.utils import get_device, run_stage, sha256_file, write_json_atomic
@@ -27,16 +28,17 @@ def main(
     coverage: Path = typer.Option(..., help="Output coverage report; in dvc.yaml: reports/memory/coverage.json."),
 ) -> None:
     def body() -> None:
-        cfg = stage_config(params, "subsample")["subsample"]
+        section = stage_config(params, "subsample")["subsample"]
+        cfg = parse_section(SubsampleConfig, section, "subsample", params)
         bank = open_memory(memory)
         subset, report = subsample_memory(
             bank,
-            method=str(cfg.get("method", "coreset")),
-            fg_ratio=float(cfg.get("fg_ratio", 0.5)),
-            bg_ratio=float(cfg.get("bg_ratio", 0.3)),
-            projection_dim=int(cfg.get("projection_dim", 0) or 0),
-            seed=int(cfg.get("seed", 0)),
-            device=get_device(cfg.get("device") or "auto"),
+            method=cfg.method,
+            fg_ratio=cfg.fg_ratio,
+            bg_ratio=cfg.bg_ratio,
+            projection_dim=cfg.projection_dim,
+            seed=cfg.seed,
+            device=get_device(cfg.device),
             progress=None,
         )
         subset.attrs["full_memory_sha256"] = sha256_file(memory)

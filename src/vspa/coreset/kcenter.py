@@ -18,6 +18,8 @@ from tqdm import tqdm
 from vspa.memory.store import MemoryBank
 from vspa.utils import VspaError
 
+METHODS = ("coreset", "random", "none")  # the subsample.method values
+
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Rows of ``x`` scaled to unit length (float32); an all-zero row stays zero."""
@@ -150,7 +152,7 @@ def subsample_indices(
     elif method == "random":
         idx = random_subsample(n, k, seed)
     else:
-        raise VspaError(f"params.yaml: subsample.method '{method}' is unknown. Use coreset, random or none.")
+        raise VspaError(f"params.yaml: subsample.method '{method}' is unknown. Use one of: {', '.join(METHODS)}.")
     return np.sort(idx.numpy()).astype(np.int64)
 
 
