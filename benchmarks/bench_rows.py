@@ -189,7 +189,8 @@ def write_tables(results: dict[int, dict], out: Path, meta: dict) -> dict:
         if split_key == "test":  # how often each method's teacher drifted, beside the means
             diags = {s: {row: json.loads(f.read_text()) for f in sorted((out / f"seed{s}" / "diagnostics").glob("*.json"))
                          for row in [f.stem]} for s in results}
-            report["teacher_drift"] = seedstats.teacher_drift(diags)
+            drift = seedstats.teacher_drift(diags)
+            report["teacher_drift"] = {row: drift[row] for row in ORDER if row in drift}
             text += seedstats.render_drift(report["teacher_drift"], ROW_DESCRIPTIONS)
         write_text_atomic(out / ("rows.md" if split_key == "test" else f"rows_{split_key}.md"), head + text)
         if split_key == "test":
