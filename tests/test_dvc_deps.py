@@ -192,6 +192,12 @@ def missing_options(cmd: str, source: str | None = None) -> list[str]:
     return [o["flags"][0] for o in options.values() if o["required"] and not any(f in given for f in o["flags"])]
 
 
+# Resumable training state: deliberately not a DVC output. An output with cache: false cannot be restored in the
+# temporary workspace of a queued experiment (`dvc exp run --queue`), so declaring it would make every such
+# experiment retrain every stage; DVC leaves undeclared files alone, so a killed run still resumes from it.
+SCRATCH_OPTIONS = {"--work-dir"}
+
+
 def undeclared_paths(stage: dict) -> list[str]:
     """`--flag value` pairs of the cmd's path options whose value is not a dep or output of the stage, nor a
     folder of one, nor inside one (``${...}`` placeholders compare as text, as in the stage's own lists)."""
@@ -200,7 +206,7 @@ def undeclared_paths(stage: dict) -> list[str]:
     bad = []
     for flag, value in passed(stage["cmd"]).items():
         option = next((o for o in options.values() if flag in o["flags"]), None)
-        if option is None or not option["path"]:
+        if option is None or not option["path"] or flag in SCRATCH_OPTIONS:
             continue
         v = (value or "").rstrip("/")
         if not any(v == d or d.startswith(v + "/") or v.startswith(d + "/") for d in declared):
@@ -295,3 +301,23 @@ def test_the_ast_reading_agrees_with_typer():
     from_ast = {n: (sorted(o["flags"]), o["required"]) for n, o in options_of(script.read_text()).items()}
     assert from_ast == from_typer
     assert from_ast["out"] == (["--out"], True) and from_ast["rows"] == (["--rows"], False)
+
+
+def test_uncached_outputs_are_committed_files():
+    """An output with `cache: false` is restored from git only: if git ignores it, a fresh clone or the temporary
+    workspace of a queued experiment lacks it and DVC reruns its stage (and everything after it)."""
+    import re
+    import subprocess
+
+    ignored = []
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        body = stage.get("do", stage)
+        for key in ("outs", "metrics", "plots"):
+            for entry in body.get(key, []):
+                if isinstance(entry, dict):
+                    path, opts = next(iter(entry.items()))
+                    if (opts or {}).get("cache") is False:
+                        concrete = re.sub(r"\$\{[^}]*\}", "x", path)
+                        if subprocess.run(["git", "check-ignore", "-q", concrete], cwd=ROOT).returncode == 0:
+                            ignored.append(f"{name}: {path}")
+    assert not ignored, f"cache: false outputs that git ignores: {ignored}. Cache them, or commit them."
