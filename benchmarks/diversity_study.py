@@ -79,15 +79,19 @@ def main(
                             "--rows", ",".join(ROWS), "--params", str(p_high), "--out", str(high_out),
                             "--work", str(work), "--data", str(data), "--snapshot-every", "0", "--jobs", str(jobs),
                             "--threads", str(threads)], cwd=ROOT, check=True)
-        levels = {}
+        levels, done = {}, None
         for level, path in (("standard", standard), ("high", high_out / "rows.json")):
             if not path.is_file():
                 raise VspaError(f"{path}: missing; run `make bench` (standard) and this study without --report-only.")
-            levels[level] = json.loads(path.read_text())["test"]
-        table = diversity.compare_levels(levels, ROWS, PAIRS)
+            report = json.loads(path.read_text())
+            levels[level] = report["test"]
+            done = report["seeds_done"]  # the high level's finished seeds: both levels are read on those
+        table = diversity.compare_levels(levels, ROWS, PAIRS, seeds=done)
+        table["seeds"] = done
         write_json_atomic(out / "diversity.json", table)
-        text = ("Within-class appearance diversity study (target test, AP50 VOC all-point). standard: "
-                f"`{standard}`; high: `{high_out / 'rows.json'}` (`prepare.diversity: high`). Written by "
+        text = ("Within-class appearance diversity study (target test, AP50 VOC all-point), seeds "
+                f"{', '.join(map(str, done))} at both levels. standard: `{standard}`; high: "
+                f"`{high_out / 'rows.json'}` (`prepare.diversity: high`). Written by "
                 "`python benchmarks/diversity_study.py`.\n\n" + diversity.render(table, ROW_DESCRIPTIONS))
         write_text_atomic(out / "diversity.md", text)
         print(text)
