@@ -140,7 +140,7 @@ def render(results: list[dict], meta: dict) -> str:
     lines = [
         f"Measured on {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s) per process, "
         f"command `{meta['command']}` ({meta['wall_s']:.0f} s). CPU seconds (user + system) per iteration at the "
-        "preset's real image size and batch size, from the difference of a 1-iteration and an "
+        "preset's real image size and the batch in the table (the preset's for pretrain), from the difference of a 1-iteration and an "
         f"N-iteration run; peak RSS of the N-iteration run. Random backbone weights of the right architecture on "
         "the smoke fixtures (a few images per split in the real layout and size). Adaptation runs with tau 0 (random "
         "weights give no confident detection), so each image's 100 detections are all pseudo-labels: a worst case "
