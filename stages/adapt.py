@@ -62,6 +62,7 @@ def main(
         from vspa.data.coco import DetectionDataset
         from vspa.detection import checkpoint, distributed
         from vspa.detection.model import DetectorConfig
+        from vspa.detection.train import IMAGE_CACHE_MB
 
         if not name or "/" in name or name.startswith("."):
             raise VspaError(f"--name '{name}': use a plain name such as vspa or at_like.")
@@ -76,7 +77,8 @@ def main(
         memory_path = memory if cfg.needs_memory else None
         ctx = distributed.setup(cfg.device)
         student, meta = checkpoint.load(model, ctx.device)
-        src_ds, tgt_ds = DetectionDataset(source_json), DetectionDataset(target_json)
+        src_ds = DetectionDataset(source_json, cache_mb=IMAGE_CACHE_MB)
+        tgt_ds = DetectionDataset(target_json, cache_mb=IMAGE_CACHE_MB)
         if list(src_ds.class_names) != list(meta["class_names"]):
             raise VspaError(
                 f"{source_json}: classes {src_ds.class_names} differ from the checkpoint's {meta['class_names']} "

@@ -273,3 +273,18 @@ def test_prepare_validates_every_split_before_writing(tmp_path):
     Path(missing).write_text(yaml.safe_dump(params))
     with pytest.raises(VspaError, match=r"prepare\.coco\.source_test"):
         _stage().prepare(missing, out, tmp_path / "summary.json", 1, False)
+
+
+def test_image_cache_returns_the_same_images_and_keeps_to_its_budget(tiny_benchmark):
+    ann = Path(tiny_benchmark) / "source_train" / "annotations.json"
+    plain, cached = DetectionDataset(ann), DetectionDataset(ann, cache_mb=1024)
+    for i in range(len(plain)):
+        first = cached[i][0]
+        first.mul_(0)  # a caller writing into its image must not change the cached copy
+        assert torch.equal(cached[i][0], plain[i][0])
+    assert len(cached._cache) == len(plain)
+    one_image = plain[0][0].numel()  # bytes of one decoded uint8 image
+    small = DetectionDataset(ann, cache_mb=1.5 * one_image / 2**20)
+    for i in range(len(small)):
+        assert torch.equal(small[i][0], plain[i][0])
+    assert len(small._cache) == 1  # room for one image only: the others are read from disk every time

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
+from vspa.adaptation.config import AdaptConfig
 from vspa.config import parse_section, stage_config
 from vspa.coreset.config import SubsampleConfig
+from vspa.detection.model import DetectorConfig
+from vspa.detection.train import TrainConfig
 from vspa.evaluation.config import EvalConfig
 from vspa.memory.config import ExtractConfig
 from vspa.utils import VspaError
@@ -252,3 +256,167 @@ def test_memory_stages_reject_a_typo_before_reading_anything(name, tmp_path, cap
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert str(params) in err and ("batch_szie" in err or "fg_raito" in err)
+
+
+# --------------------------------------------------------------------------- pretrain / oracle, adapt, model
+# These keep a thin from_params (many callers) that is parse_section; the dataclass defaults are what a params
+# file that omits a key gets (params.yaml omits e.g. adapt.weight_decay and most model keys).
+
+PORTED = [(TrainConfig, "pretrain"), (TrainConfig, "oracle"), (AdaptConfig, "adapt"), (DetectorConfig, "model")]
+
+
+def from_params(cls, section, name, path="params.yaml"):
+    if cls is DetectorConfig:
+        return DetectorConfig.from_params(section, path=path)
+    return cls.from_params(section, name=name, path=path)
+
+
+@pytest.mark.parametrize("cls,name", PORTED)
+def test_ported_committed_section_parses_the_same_by_both_paths(cls, name):
+    section = committed(name)
+    cfg = from_params(cls, section, name, str(PARAMS))
+    assert cfg == parse_section(cls, section, name, str(PARAMS))
+    for key, value in section.items():
+        if value is not None:
+            assert getattr(cfg, key) == value  # the same values reach the library
+
+
+@pytest.mark.parametrize("cls,name", PORTED)
+def test_ported_typo_is_an_error_naming_the_key_the_section_and_the_file(cls, name):
+    section = committed(name)
+    section["bacth_size"] = 4
+    with pytest.raises(VspaError) as exc:
+        from_params(cls, section, name, "some/params.yaml")
+    msg = str(exc.value)
+    assert msg.startswith(f"some/params.yaml: unknown key(s) in section '{name}:': bacth_size.")
+    assert "Known keys:" in msg and ("batch_size" in msg if cls is not DetectorConfig else "min_size" in msg)
+
+
+@pytest.mark.parametrize("cls,name,key,bad,expected", [
+    (TrainConfig, "pretrain", "iterations", "ten", "an integer"),
+    (TrainConfig, "oracle", "lr", "fast", "a number"),
+    (TrainConfig, "pretrain", "lr_steps", [750, 0.5], "a list of integers"),
+    (TrainConfig, "pretrain", "strong_aug", "yes", "true or false"),
+    (AdaptConfig, "adapt", "iterations", "ten", "an integer"),
+    (AdaptConfig, "adapt", "tau", "high", "a number"),
+    (AdaptConfig, "adapt", "amp", 1, "true or false"),
+    (AdaptConfig, "adapt", "fg_boxes", False, "a string"),  # only fg_mode / bg_mode read false as "off"
+    (DetectorConfig, "model", "min_size", "big", "an integer"),
+    (DetectorConfig, "model", "rpn_fg_iou_thresh", "half", "a number"),
+    (DetectorConfig, "model", "anchor_sizes", [12, "x"], "a list of integers or null"),
+    (DetectorConfig, "model", "from_scratch", "no", "true or false"),
+])
+def test_ported_wrong_type_names_the_file_the_key_and_the_type(cls, name, key, bad, expected):
+    section = {**committed(name), key: bad}
+    with pytest.raises(VspaError) as exc:
+        from_params(cls, section, name, "some/params.yaml")
+    assert str(exc.value).startswith(f"some/params.yaml: {name}.{key} must be {expected}, got {bad!r}")
+
+
+def test_train_config_committed_values_and_types():
+    cfg = TrainConfig.from_params(committed("pretrain"), name="pretrain", path=str(PARAMS))
+    assert (cfg.iterations, cfg.batch_size, cfg.lr, cfg.warmup_iters, cfg.lr_steps) == (1000, 4, 0.02, 100, [750])
+    assert (cfg.strong_aug, cfg.amp, cfg.device, cfg.weight_decay, cfg.checkpoint_every) == (False, False, "auto",
+                                                                                             1e-4, 100)
+    assert TrainConfig.from_params(committed("oracle"), name="oracle") == cfg
+    assert "amp" not in cfg.record()  # the resume fingerprint's dict is as before
+    coerced = TrainConfig.from_params({"iterations": 10.0, "batch_size": 2, "lr": 1, "momentum": 0,
+                                       "lr_steps": [5.0, 8], "seed": 3})
+    assert type(coerced.iterations) is int and type(coerced.lr) is float and type(coerced.momentum) is float
+    assert coerced.lr_steps == [5, 8] and all(type(s) is int for s in coerced.lr_steps)
+    assert TrainConfig.from_params({"iterations": 10, "batch_size": 2, "lr": 0.1, "lr_steps": None}).lr_steps == []
+
+
+def test_train_config_value_checks_name_the_file_and_the_key():
+    base = {"iterations": 10, "batch_size": 2, "lr": 0.1}
+    for bad, match in [({"batch_size": 0}, r"^p\.yaml: oracle\.batch_size must be >= 1, got 0\.$"),
+                       ({"momentum": 1.0}, r"oracle\.momentum must be in \[0, 1\), got 1\.0"),
+                       ({"lr": float("nan")}, r"oracle\.lr must be a positive number, got nan"),
+                       ({"lr_steps": [8, 4]}, r"oracle\.lr_steps must be increasing, got \[8, 4\]"),
+                       ({"device": "gpu"}, r"oracle\.device 'gpu' is not a device"),
+                       ({"lr": None}, r"^p\.yaml: oracle\.lr is not set")]:
+        with pytest.raises(VspaError, match=match):
+            TrainConfig.from_params({**base, **bad}, name="oracle", path="p.yaml")
+
+
+def test_adapt_config_committed_values_and_the_run_sections():
+    import sys
+
+    cfg = AdaptConfig.from_params(committed("adapt"), path=str(PARAMS))
+    assert (cfg.iterations, cfg.batch_size, cfg.lr, cfg.ema_keep, cfg.refresh_every) == (600, 2, 0.01, 0.99, 150)
+    assert (cfg.fg_mode, cfg.bg_mode, cfg.bg_form, cfg.margin, cfg.top_k) == ("memory", "memory", "scaled", 1.5, 1)
+    assert cfg.weight_decay == 1e-4 and cfg.disc_full_rate and cfg.source_strong  # omitted: the dataclass default
+    assert type(cfg.lambda_unsup) is float and type(cfg.bg_scale) is float and type(cfg.top_k) is int
+    assert not {"amp", "snapshot_every", "pairing_mode"} & set(cfg.record())  # the fingerprint's dict as before
+
+    sys.path.insert(0, str(ROOT / "stages"))
+    from adapt import adapt_section
+
+    raw = yaml.safe_load(PARAMS.read_text())
+    at_like = AdaptConfig.from_params(adapt_section(raw, "at_like", str(PARAMS)), name="adapt (+ adapt_at_like)")
+    assert (at_like.fg_mode, at_like.bg_mode) == ("off", "off") and not at_like.needs_memory
+    fair = AdaptConfig.from_params(adapt_section(raw, "fair_source", str(PARAMS)))
+    assert fair.lambda_unsup == 0.0 and type(fair.lambda_unsup) is float and not fair.uses_target
+    pairing = AdaptConfig.from_params(adapt_section(raw, "pairing_color", str(PARAMS)))
+    assert (pairing.fg_mode, pairing.pairing_mode, pairing.pairing_variants) == ("pairing", "color",
+                                                                                  "data/augsim/pairing")
+
+
+def test_adapt_config_reads_an_unquoted_off_and_names_the_key_of_a_bad_value():
+    base = {"iterations": 5, "batch_size": 2, "lr": 0.01}
+    unquoted = AdaptConfig.from_params(yaml.safe_load("iterations: 5\nbatch_size: 2\nlr: 0.01\n"
+                                                      "fg_mode: off\nbg_mode: off\n"))
+    assert (unquoted.fg_mode, unquoted.bg_mode) == ("off", "off")
+    with pytest.raises(VspaError) as exc:
+        AdaptConfig.from_params({**base, "bg_mode": True}, path="p.yaml")  # an unquoted on
+    msg = str(exc.value)
+    assert msg.startswith("p.yaml: adapt.bg_mode must be a string, got True") and "quote it" in msg
+    for bad, match in [({"fg_mode": "memroy"}, r"adapt\.fg_mode must be one of memory, .*, off, got 'memroy'"),
+                       ({"tau": 1.5}, r"^p\.yaml: adapt\.tau must be in \[0, 1\], got 1\.5\.$"),
+                       ({"lambda_bg": -0.1}, r"adapt\.lambda_bg must be >= 0, got -0\.1"),
+                       ({"device": "tpu:x"}, r"adapt\.device 'tpu:x' is not a device"),
+                       ({"iterations": None}, r"^p\.yaml: adapt\.iterations is not set")]:
+        with pytest.raises(VspaError, match=match):
+            AdaptConfig.from_params({**base, **bad}, path="p.yaml")
+
+
+def test_detector_config_committed_values_and_checks():
+    cfg = DetectorConfig.from_params(committed("model"), path=str(PARAMS))
+    assert (cfg.backbone, cfg.min_size, cfg.max_size, cfg.pretrained_weights) == ("small", 160, 320, None)
+    assert cfg.anchor_sizes == [12, 24, 48, 96, 192] and all(type(s) is int for s in cfg.anchor_sizes)
+    assert (cfg.rpn_fg_iou_thresh, cfg.box_batch_size_per_image, cfg.small_width) == (0.5, 64, 16)
+    assert cfg.aspect_ratios == [0.5, 1.0, 2.0, 3.0] and not cfg.from_scratch
+    # a float given as an integer becomes a float; null is "the default", also for anchor_sizes (int | None)
+    given = DetectorConfig.from_params({"rpn_fg_iou_thresh": 1, "aspect_ratios": [1, 2], "anchor_sizes": None,
+                                        "min_size": 96.0})
+    assert type(given.rpn_fg_iou_thresh) is float and given.aspect_ratios == [1.0, 2.0]
+    assert all(type(a) is float for a in given.aspect_ratios) and given.anchor_sizes is None
+    assert type(given.min_size) is int and given.min_size == 96
+    for bad, match in [({"backbone": "resnet18"}, r"^p\.yaml: unknown model\.backbone 'resnet18'"),
+                       ({"min_size": 0}, r"^p\.yaml: model\.min_size must be a positive integer, got 0\.$"),
+                       ({"min_size": 400}, r"model\.min_size \(400\) is larger than model\.max_size \(320\)"),
+                       ({"rpn_bg_iou_thresh": 0.6}, r"need 0 < model\.rpn_bg_iou_thresh <= model\.rpn_fg_iou_"),
+                       ({"anchor_sizes": []}, r"model\.anchor_sizes must be a non-empty list"),
+                       ({"aspect_ratios": [1.0, 0]}, r"model\.aspect_ratios must be a non-empty list of positive")]:
+        with pytest.raises(VspaError, match=match):
+            DetectorConfig.from_params({**committed("model"), **bad}, path="p.yaml")
+
+
+def test_training_stage_rejects_a_typo_naming_the_key_and_the_params_file(tmp_path):
+    from vspa.detection.train import run_training_stage
+
+    params = tmp_path / "my_params.yaml"
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["oracle"]["lr_step"] = [750]
+    params.write_text(yaml.safe_dump(raw))
+    with pytest.raises(VspaError) as exc:
+        run_training_stage(str(params), "oracle", tmp_path / "split", tmp_path / "model.pt", tmp_path / "l.csv",
+                           tmp_path / "work", "oracle")
+    assert str(exc.value).startswith(f"{params}: unknown key(s) in section 'oracle:': lr_step.")
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["model"]["min_size"] = "big"
+    params.write_text(yaml.safe_dump(raw))
+    with pytest.raises(VspaError, match=rf"^{re.escape(str(params))}: model\.min_size must be an integer, got 'bi"):
+        run_training_stage(str(params), "pretrain", tmp_path / "split", tmp_path / "model.pt", tmp_path / "l.csv",
+                           tmp_path / "work", "pretrain")
+    assert not (tmp_path / "work").exists() and not (tmp_path / "model.pt").exists()

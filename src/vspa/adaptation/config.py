@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from vspa.adaptation.align import BG_MODES, FG_MODES, FG_NEGATIVES
 from vspa.adaptation.data import PAIRING_EXAMPLES, PAIRING_FOLDERS
 from vspa.adaptation.pairing import PAIRING_MODES
+from vspa.config import check_device, check_number, parse_section
 from vspa.detection.train import WARMUP_FACTOR
 from vspa.utils import VspaError
 
@@ -16,11 +17,17 @@ FG_BOXES = ("teacher", "student")
 ALIGN_VIEWS = ("weak", "strong")
 REFRESH_MODELS = ("student", "teacher")
 BG_FORMS = ("paper", "scaled", "confusion")
+OFF_KEYS = ("fg_mode", "bg_mode")  # keys whose value "off" YAML 1.1 reads as false when unquoted
 
 
 @dataclass
 class AdaptConfig:
-    """The ``adapt`` params section (with a per-run override section merged over it)."""
+    """The ``adapt`` params section (with a per-run override section merged over it), parsed by
+    :meth:`from_params` (:func:`vspa.config.parse_section`).
+
+    The values are in conf/config.yaml and the scenario presets; a default here is what a params file that
+    omits the key gets.
+    """
 
     iterations: int
     batch_size: int  # source images and target images per iteration (global, split over the processes)
@@ -66,64 +73,50 @@ class AdaptConfig:
     pairing_variants: str = ""  # the folder of the variant sets color/, flip/, color_flip/ (stage augsim)
 
     @classmethod
-    def from_params(cls, section: dict, name: str = "adapt", path: str = "params.yaml") -> "AdaptConfig":
-        """Build from an effective params section (``null`` = default); VspaError on unknown keys or bad values."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise VspaError(
-                f"{path}: unknown key(s) in section '{name}:': {', '.join(unknown)}. Known: {', '.join(sorted(names))}."
-            )
-        values = {k: v for k, v in section.items() if v is not None}
-        for key in ("iterations", "batch_size", "lr"):
-            if key not in values:
-                raise VspaError(f"{path}: {name}.{key} is not set (null and not in the scenario preset). Give a value.")
-        try:
-            cfg = cls(**values)
-            for f in dataclasses.fields(cls):  # annotations are strings: "int", "float", "bool", "str"
-                value = getattr(cfg, f.name)
-                if f.type == "bool" and not isinstance(value, bool):
-                    raise TypeError(f"{f.name} must be true or false, got {value!r}")
-                if f.type == "str" and value is False:  # YAML 1.1 reads an unquoted `off` (e.g. written by
-                    value = "off"                       # `dvc exp run -S adapt.bg_mode=off`) as false
-                setattr(cfg, f.name, {"int": int, "float": float, "bool": bool, "str": str}[f.type](value))
-        except (TypeError, ValueError) as exc:
-            raise VspaError(f"{path}: section '{name}:' has a value of the wrong type ({exc}).") from exc
-        cfg.validate(name, path)
-        return cfg
+    def from_params(cls, section: dict | None, name: str = "adapt", path: str = "params.yaml") -> "AdaptConfig":
+        """The effective params section (``null`` = the default) parsed by :func:`vspa.config.parse_section`:
+        unknown keys, missing required values, wrong types and bad values are VspaErrors naming ``path`` and the
+        key. An unquoted ``off`` for one of :data:`OFF_KEYS` (YAML 1.1 reads it as false; e.g. written by
+        ``dvc exp run -S adapt.bg_mode=off``) means ``"off"``."""
+        if isinstance(section, dict):
+            section = {k: "off" if k in OFF_KEYS and v is False else v for k, v in section.items()}
+        return parse_section(cls, section, name, path)
 
     def validate(self, name: str = "adapt", path: str = "params.yaml") -> None:
-        checks = [
-            (self.iterations >= 1, "iterations must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
-            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.warmup_iters >= 0, "warmup_iters must be >= 0"),
-            (0 <= self.ema_keep <= 1, "ema_keep must be in [0, 1]"),
-            (0 <= self.tau <= 1, "tau must be in [0, 1]"),
-            (min(self.lambda_unsup, self.lambda_img, self.lambda_fg, self.lambda_bg) >= 0, "lambda_* must be >= 0"),
-            (self.fg_mode in FG_MODES, f"fg_mode must be one of {', '.join(FG_MODES)}"),
-            (self.bg_mode in BG_MODES, f"bg_mode must be one of {', '.join(BG_MODES)}"),
-            (self.fg_boxes in FG_BOXES, f"fg_boxes must be one of {', '.join(FG_BOXES)}"),
-            (self.fg_negative in FG_NEGATIVES, f"fg_negative must be one of {', '.join(FG_NEGATIVES)}"),
-            (self.bg_form in BG_FORMS, f"bg_form must be one of {', '.join(BG_FORMS)}"),
-            (self.bg_warmup >= 0, "bg_warmup must be >= 0"),
-            (self.bg_scale > 0 and math.isfinite(self.bg_scale), "bg_scale must be a positive number"),
-            (self.diag_every >= 0, "diag_every must be >= 0 (0 = never)"),
-            (self.align_view in ALIGN_VIEWS, f"align_view must be one of {', '.join(ALIGN_VIEWS)}"),
-            (self.top_k >= 1, "top_k must be >= 1"),
-            (self.margin >= 0, "margin must be >= 0"),
-            (self.img_disc_width >= 1, "img_disc_width must be >= 1"),
-            (self.refresh_every >= 0, "refresh_every must be >= 0 (0 = never)"),
-            (self.refresh_model in REFRESH_MODELS, f"refresh_model must be one of {', '.join(REFRESH_MODELS)}"),
-            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
-            (self.snapshot_every >= 0, "snapshot_every must be >= 0 (0 = never)"),
-            (self.pairing_mode in PAIRING_MODES, f"pairing_mode must be one of {', '.join(PAIRING_MODES)}"),
+        def one_of(choices: tuple[str, ...]) -> str:
+            return f"one of {', '.join(choices)}"
+
+        checks = [  # (ok, key, requirement)
+            (self.iterations >= 1, "iterations", ">= 1"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number"),
+            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.warmup_iters >= 0, "warmup_iters", ">= 0"),
+            (0 <= self.ema_keep <= 1, "ema_keep", "in [0, 1]"),
+            (0 <= self.tau <= 1, "tau", "in [0, 1]"),
+            *[(getattr(self, k) >= 0, k, ">= 0") for k in ("lambda_unsup", "lambda_img", "lambda_fg", "lambda_bg")],
+            (self.fg_mode in FG_MODES, "fg_mode", one_of(FG_MODES)),
+            (self.bg_mode in BG_MODES, "bg_mode", one_of(BG_MODES)),
+            (self.fg_boxes in FG_BOXES, "fg_boxes", one_of(FG_BOXES)),
+            (self.fg_negative in FG_NEGATIVES, "fg_negative", one_of(FG_NEGATIVES)),
+            (self.bg_form in BG_FORMS, "bg_form", one_of(BG_FORMS)),
+            (self.bg_warmup >= 0, "bg_warmup", ">= 0"),
+            (self.bg_scale > 0 and math.isfinite(self.bg_scale), "bg_scale", "a positive number"),
+            (self.diag_every >= 0, "diag_every", ">= 0 (0 = never)"),
+            (self.align_view in ALIGN_VIEWS, "align_view", one_of(ALIGN_VIEWS)),
+            (self.top_k >= 1, "top_k", ">= 1"),
+            (self.margin >= 0, "margin", ">= 0"),
+            (self.img_disc_width >= 1, "img_disc_width", ">= 1"),
+            (self.refresh_every >= 0, "refresh_every", ">= 0 (0 = never)"),
+            (self.refresh_model in REFRESH_MODELS, "refresh_model", one_of(REFRESH_MODELS)),
+            (self.checkpoint_every >= 1, "checkpoint_every", ">= 1"),
+            (self.snapshot_every >= 0, "snapshot_every", ">= 0 (0 = never)"),
+            (self.pairing_mode in PAIRING_MODES, "pairing_mode", one_of(PAIRING_MODES)),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise VspaError(f"{path}: {name}.{message}.")
+        for ok, key, requirement in checks:
+            check_number(ok, getattr(self, key), f"{name}.{key}", requirement, path)
+        check_device(self.device, f"{name}.device", path)
         if self.use_pairing:
             for key, what in PAIRING_FOLDERS.items():
                 if not getattr(self, key):

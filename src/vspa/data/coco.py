@@ -291,6 +291,10 @@ class DetectionDataset(torch.utils.data.Dataset):
     FloatTensor[N, 4] xyxy pixels, ``labels`` Int64[N] in 1..C, ``image_id`` int, ``object_ids`` Int64[N]
     (-1 where the file has none), ``index`` int, and the crowd regions ``ignore_boxes`` FloatTensor[M, 4]
     with their ``ignore_labels`` Int64[M]. ``transform(image, target) -> (image, target)`` is applied last.
+
+    ``cache_mb`` > 0 keeps decoded images (uint8, 3 bytes a pixel) in memory until that budget is used, so a
+    training loop that reads every image many times decodes each once (images that do not fit are read from
+    disk every time); the values returned are the same either way.
     """
 
     def __init__(
@@ -299,9 +303,12 @@ class DetectionDataset(torch.utils.data.Dataset):
         image_root: str | os.PathLike | None = None,
         transform: Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]] | None = None,
         check_images: bool = True,
+        cache_mb: float = 0.0,
     ):
         self.coco = load_coco(json_path, image_root=image_root, check_images=check_images)
         self.transform = transform
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cache_left = int(cache_mb * 2**20)
         self.class_names = list(self.coco.categories)
         self.num_classes = len(self.class_names)
 
@@ -309,6 +316,16 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.coco.images)
 
     def _read(self, img: dict) -> torch.Tensor:
+        cached = self._cache.get(img["id"])
+        if cached is None:
+            cached = self._decode(img)
+            if cached.numel() <= self._cache_left:
+                self._cache[img["id"]] = cached
+                self._cache_left -= cached.numel()
+        return cached.float().div_(255.0)
+
+    def _decode(self, img: dict) -> torch.Tensor:
+        """The image file as a uint8 tensor ``[3, H, W]``."""
         path = self.coco.image_path(img)
         try:
             with Image.open(path) as im:
@@ -318,7 +335,7 @@ class DetectionDataset(torch.utils.data.Dataset):
                 f"{self.coco.json_path}: image id={img['id']} ({path}) cannot be read ({exc}). "
                 "Restore the file or run the prepare stage again."
             ) from exc
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
     def target(self, index: int) -> dict:
         """The target of item ``index`` without reading its image (no transform applied)."""

@@ -24,7 +24,9 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign
 
+from vspa.config import check_number, parse_section
 from vspa.detection.backbones import BACKBONES, DEFAULT_ANCHOR_SIZES, build_backbone
+from vspa.detection.roi_align import FastMultiScaleRoIAlign
 from vspa.utils import VspaError
 
 EMBED_DIM = 1024
@@ -33,10 +35,11 @@ LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_bo
 
 @dataclass
 class DetectorConfig:
-    """Everything that defines the detector's structure (the ``model:`` params section).
+    """Everything that defines the detector's structure (the ``model:`` params section, parsed by
+    :meth:`from_params` / :func:`vspa.config.parse_section`).
 
-    Only ``backbone``, ``pretrained_weights``, ``min_size`` and ``max_size`` are in params.yaml; every
-    other key may be added to the ``model:`` section (or a preset) to override its default.
+    conf/config.yaml and the scenario presets set some keys (params.yaml holds them); every other key may be
+    added to the ``model:`` section (or a preset) to override its default here.
     """
 
     backbone: str = "small"
@@ -60,36 +63,39 @@ class DetectorConfig:
     box_nms_thresh: float = 0.5
 
     @classmethod
-    def from_params(cls, model: dict, path: str = "params.yaml") -> "DetectorConfig":
-        """Build from the effective ``model`` section; ``null`` means the default, unknown keys are errors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(model) - names)
-        if unknown:
-            raise VspaError(
-                f"{path}: unknown key(s) in section 'model:': {', '.join(unknown)}. "
-                f"Known keys: {', '.join(sorted(names))}."
-            )
-        cfg = cls(**{k: v for k, v in model.items() if v is not None})
-        cfg.validate(path)
-        return cfg
+    def from_params(cls, model: dict | None, path: str = "params.yaml") -> "DetectorConfig":
+        """The effective ``model`` section parsed by :func:`vspa.config.parse_section` (``null`` = the default;
+        unknown keys, wrong types and bad values are VspaErrors naming ``path`` and the key)."""
+        return parse_section(cls, model, "model", path)
 
-    def validate(self, path: str = "params.yaml") -> None:
+    def validate(self, name: str = "model", path: str = "params.yaml") -> None:
+        """Value checks (the types are parse_section's); also run by build_detector on a config built in code."""
         if self.backbone not in BACKBONES:
-            raise VspaError(f"{path}: unknown model.backbone '{self.backbone}'. Choose one of: {', '.join(BACKBONES)}.")
+            raise VspaError(
+                f"{path}: unknown {name}.backbone '{self.backbone}'. Choose one of: {', '.join(BACKBONES)}."
+            )
         for key in ("min_size", "max_size", "small_width", "box_batch_size_per_image", "rpn_batch_size_per_image"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
-                raise VspaError(f"{path}: model.{key} must be a positive integer, got {value!r}.")
-        if not isinstance(self.from_scratch, bool):
-            raise VspaError(f"{path}: model.from_scratch must be true or false, got {self.from_scratch!r}.")
+            check_number(isinstance(value, int) and value > 0, value, f"{name}.{key}", "a positive integer", path)
         if self.min_size > self.max_size:
             raise VspaError(
-                f"{path}: model.min_size ({self.min_size}) is larger than model.max_size ({self.max_size})."
+                f"{path}: {name}.min_size ({self.min_size}) is larger than {name}.max_size ({self.max_size})."
             )
         if not 0 < self.rpn_bg_iou_thresh <= self.rpn_fg_iou_thresh <= 1:
-            raise VspaError(f"{path}: need 0 < model.rpn_bg_iou_thresh <= model.rpn_fg_iou_thresh <= 1.")
+            raise VspaError(
+                f"{path}: need 0 < {name}.rpn_bg_iou_thresh <= {name}.rpn_fg_iou_thresh <= 1, got "
+                f"{self.rpn_bg_iou_thresh!r} and {self.rpn_fg_iou_thresh!r}."
+            )
         if self.anchor_sizes is not None and (not self.anchor_sizes or min(self.anchor_sizes) <= 0):
-            raise VspaError(f"{path}: model.anchor_sizes must be a non-empty list of positive sizes in pixels.")
+            raise VspaError(
+                f"{path}: {name}.anchor_sizes must be a non-empty list of positive sizes in pixels, got "
+                f"{self.anchor_sizes!r}."
+            )
+        if not self.aspect_ratios or min(self.aspect_ratios) <= 0:
+            raise VspaError(
+                f"{path}: {name}.aspect_ratios must be a non-empty list of positive height / width ratios, got "
+                f"{self.aspect_ratios!r}."
+            )
 
     def effective_anchor_sizes(self) -> tuple[int, ...]:
         return tuple(self.anchor_sizes or DEFAULT_ANCHOR_SIZES[self.backbone])
@@ -217,7 +223,7 @@ def build_detector(cfg: DetectorConfig, num_classes: int, load_weights: bool = T
     anchors = AnchorGenerator(
         sizes=(cfg.effective_anchor_sizes(),), aspect_ratios=(tuple(float(a) for a in cfg.aspect_ratios),)
     )
-    pooler = MultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
+    pooler = FastMultiScaleRoIAlign(featmap_names=["0"], output_size=7, sampling_ratio=2)
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, EMBED_DIM)
     model = FasterRCNN(
         backbone,

@@ -28,7 +28,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vspa.config import stage_config
+from vspa.config import check_device, check_number, parse_section, stage_config
 from vspa.data import transforms
 from vspa.data.coco import DetectionDataset, dataset_sha256
 from vspa.detection import checkpoint, distributed
@@ -39,6 +39,7 @@ from vspa.utils import VspaError, save_torch_atomic, seed_everything, sha256_jso
 WARMUP_FACTOR = 0.001  # lr multiplier at iteration 0, rising linearly to 1 at warmup_iters
 CSV_COLUMNS = ("iteration", "lr", *LOSS_NAMES, "total")
 STATE_FORMAT = "vspa-train-state/1"
+IMAGE_CACHE_MB = 1024  # decoded training images kept in memory (per dataset and process): each is decoded once
 
 # Streams of random numbers drawn from (seed, iteration, ...): kept apart by a stream id.
 _ORDER, _AUG, _SAMPLER = 0, 1, 2
@@ -46,7 +47,11 @@ _ORDER, _AUG, _SAMPLER = 0, 1, 2
 
 @dataclass
 class TrainConfig:
-    """The ``pretrain`` / ``oracle`` params section."""
+    """The ``pretrain`` / ``oracle`` params section (parsed by :func:`vspa.config.parse_section`).
+
+    The values are in conf/config.yaml and the scenario presets; a default here is what an older params file
+    that omits the key gets.
+    """
 
     iterations: int
     batch_size: int
@@ -62,43 +67,26 @@ class TrainConfig:
     amp: bool = False  # mixed precision (autocast + gradient scaling; for CUDA): vspa.training.precision
 
     @classmethod
-    def from_params(cls, section: dict, name: str = "pretrain", path: str = "params.yaml") -> "TrainConfig":
-        """Build from an effective params section; ``null`` means the default. Raises VspaError on bad values."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise VspaError(
-                f"{path}: unknown key(s) in section '{name}:': {', '.join(unknown)}. "
-                f"Known keys: {', '.join(sorted(names))}."
-            )
-        values = {k: v for k, v in section.items() if v is not None}
-        for key in ("iterations", "batch_size", "lr"):
-            if key not in values:
-                raise VspaError(f"{path}: {name}.{key} is not set (null and not in the scenario preset). Give a value.")
-        try:
-            cfg = cls(**values)
-            cfg.iterations, cfg.batch_size, cfg.seed = int(cfg.iterations), int(cfg.batch_size), int(cfg.seed)
-            cfg.warmup_iters, cfg.checkpoint_every = int(cfg.warmup_iters), int(cfg.checkpoint_every)
-            cfg.lr, cfg.momentum, cfg.weight_decay = float(cfg.lr), float(cfg.momentum), float(cfg.weight_decay)
-            cfg.lr_steps = [int(s) for s in (cfg.lr_steps or [])]
-            if not isinstance(cfg.strong_aug, bool) or not isinstance(cfg.amp, bool):
-                raise TypeError("strong_aug and amp must be true or false")
-        except (TypeError, ValueError) as exc:
-            raise VspaError(f"{path}: section '{name}:' has a value of the wrong type ({exc}).") from exc
-        checks = [
-            (cfg.iterations >= 1, "iterations must be >= 1"),
-            (cfg.batch_size >= 1, "batch_size must be >= 1"),
-            (cfg.lr > 0 and math.isfinite(cfg.lr), "lr must be a positive number"),
-            (0 <= cfg.momentum < 1, "momentum must be in [0, 1)"),
-            (cfg.weight_decay >= 0, "weight_decay must be >= 0"),
-            (cfg.warmup_iters >= 0, "warmup_iters must be >= 0"),
-            (cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
-            (cfg.lr_steps == sorted(cfg.lr_steps), "lr_steps must be increasing"),
+    def from_params(cls, section: dict | None, name: str = "pretrain", path: str = "params.yaml") -> "TrainConfig":
+        """The effective params section ``name`` parsed by :func:`vspa.config.parse_section` (``null`` = the
+        default; unknown keys, missing required values, wrong types and bad values are VspaErrors naming
+        ``path`` and the key)."""
+        return parse_section(cls, section, name, path)
+
+    def validate(self, name: str = "pretrain", path: str = "params.yaml") -> None:
+        checks = [  # (ok, key, requirement)
+            (self.iterations >= 1, "iterations", ">= 1"),
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number"),
+            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (self.warmup_iters >= 0, "warmup_iters", ">= 0"),
+            (self.checkpoint_every >= 1, "checkpoint_every", ">= 1"),
+            (self.lr_steps == sorted(self.lr_steps), "lr_steps", "increasing"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise VspaError(f"{path}: {name}.{message}.")
-        return cfg
+        for ok, key, requirement in checks:
+            check_number(ok, getattr(self, key), f"{name}.{key}", requirement, path)
+        check_device(self.device, f"{name}.device", path)
 
     def record(self) -> dict:
         """The configuration as a plain dict; ``amp`` only when on (so records of fp32 runs are as before)."""
@@ -317,7 +305,7 @@ def run_training_stage(
     train_cfg = TrainConfig.from_params(params[section], name=section, path=params_path)
     ann = Path(data_dir) / "annotations.json"
     data_hash = dataset_sha256(ann)
-    dataset = DetectionDataset(ann)
+    dataset = DetectionDataset(ann, cache_mb=IMAGE_CACHE_MB)
     ctx = distributed.setup(train_cfg.device)
     if ctx.is_main:
         print(

@@ -1,0 +1,197 @@
+"""Seconds per training iteration of two versions of the code, timed in one run, side by side
+-> ``reports/bench/bench_iteration.{json,md}``.
+
+Both versions are git revisions, unpacked with ``git archive`` into a temporary folder: the old one defaults to
+``050fbb5`` (where issue 16 measured 0.166 s per pretrain iteration and 0.359 s per VSPA adaptation iteration),
+the new one to ``HEAD`` (commit what you want timed: edits made to the checkout while the benchmark runs do not
+leak into it). Each version runs its own stage scripts with
+its own ``params.yaml`` (default scenario), changed only in the iteration counts, ``device: cpu``, no
+checkpoint and no memory refresh inside the window:
+
+- ``stages/pretrain.py`` on ``data/benchmark/source_train``;
+- ``stages/adapt.py --name vspa`` from the committed source detector (``models/source/model.pt``) and memory
+  (``models/memory/subsampled.h5``), so both versions adapt the same model with the same memory.
+
+A stage's seconds per iteration are ``(T(long) - T(short)) / (long - short)`` from the wall times of two runs
+of it (start-up, data loading and the final save cancel out). The versions alternate within each repetition
+(old, new, old, new, ...), every process pinned to ``--threads`` threads, and the median over repetitions is
+reported with the ratio old / new. Run it alone: other jobs on the machine inflate both versions, not
+necessarily by the same factor.
+
+    python benchmarks/bench_iteration.py [--old 050fbb5] [--reps 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vspa.utils import VspaError, run_stage, write_json_atomic, write_text_atomic  # noqa: E402
+
+
+def unpack_revision(rev: str, dest: Path) -> str:
+    """``git archive rev`` unpacked into ``dest``; returns the full commit hash."""
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True,
+                            text=True)
+    if commit.returncode:
+        raise VspaError(f"bench_iteration: '{rev}' is not a commit of {ROOT} ({commit.stderr.strip()}).")
+    archive = subprocess.run(["git", "archive", "--format=tar", commit.stdout.strip()], cwd=ROOT,
+                             capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return commit.stdout.strip()
+
+
+def timing_params(tree: Path, out: Path, pretrain_its: int, adapt_its: int) -> Path:
+    """The tree's own params.yaml with the window's iteration counts, CPU, no checkpoint and no refresh."""
+    params = yaml.safe_load((tree / "params.yaml").read_text())
+    params["pretrain"].update(iterations=pretrain_its, checkpoint_every=10**6, device="cpu")
+    params["adapt"].update(iterations=adapt_its, checkpoint_every=10**6, refresh_every=0, device="cpu")
+    out.write_text(yaml.safe_dump(params, sort_keys=False))
+    return out
+
+
+def checkpoint_for(tree: Path, checkpoint: Path, dest: Path, env: dict) -> Path:
+    """``checkpoint`` as ``tree``'s code reads it: config keys that version's ``DetectorConfig`` lacks are dropped
+    (an older version refuses them; they were added later with the old behaviour as their default)."""
+    import torch
+
+    proc = subprocess.run([sys.executable, "-c", "import dataclasses, json; from vspa.detection.model import "
+                           "DetectorConfig; print(json.dumps([f.name for f in dataclasses.fields(DetectorConfig)]))"],
+                          cwd=tree, env=dict(env, PYTHONPATH=str(tree / "src")), capture_output=True, text=True)
+    if proc.returncode:
+        raise VspaError(f"bench_iteration: cannot read DetectorConfig in {tree}:\n{proc.stderr[-2000:]}")
+    known = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    dropped = sorted(set(ckpt["config"]) - known)
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k in known}
+    torch.save(ckpt, dest)
+    if dropped:
+        print(f"[bench_iteration] {tree.name}: checkpoint config keys dropped: {', '.join(dropped)}", file=sys.stderr)
+    return dest
+
+
+def main(
+    old: str = typer.Option("050fbb5", help="The old version: a git revision."),
+    new: str = typer.Option("HEAD", help="The new version: a git revision."),
+    reps: int = typer.Option(3, min=1, help="Repetitions (median reported)."),
+    threads: int = typer.Option(2, min=1, help="Threads per process (OMP_NUM_THREADS, torch)."),
+    pretrain_short: int = typer.Option(10, min=1, help="Pretrain iterations of the short run."),
+    pretrain_long: int = typer.Option(40, min=2, help="Pretrain iterations of the long run."),
+    adapt_short: int = typer.Option(5, min=1, help="Adaptation iterations of the short run."),
+    adapt_long: int = typer.Option(25, min=2, help="Adaptation iterations of the long run."),
+    data: Path = typer.Option(Path("data/benchmark"), help="The benchmark's splits (prepare's output)."),
+    model: Path = typer.Option(Path("models/source/model.pt"), help="Source detector both versions adapt."),
+    memory: Path = typer.Option(Path("models/memory/subsampled.h5"), help="Memory both versions adapt with."),
+    out: Path = typer.Option(Path("reports/bench"), help="Folder of bench_iteration.{json,md}."),
+) -> None:
+    def body() -> None:
+        import torch
+
+        if pretrain_long <= pretrain_short or adapt_long <= adapt_short:
+            raise VspaError("bench_iteration: each long run needs more iterations than its short run.")
+        for path in (data / "source_train" / "annotations.json", data / "target_train" / "annotations.json",
+                     model, memory):
+            if not (ROOT / path).is_file():
+                raise VspaError(f"{path}: missing. Run `dvc repro subsample` (or `make repro`) first.")
+        work = Path(tempfile.mkdtemp(prefix="vspa_bench_iteration_"))
+        try:
+            old_commit = unpack_revision(old, work / "old")
+            new_commit = unpack_revision(new, work / "new")
+            trees = {"old": work / "old", "new": work / "new"}
+            env_base = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            windows = {"pretrain": (pretrain_short, pretrain_long), "adapt": (adapt_short, adapt_long)}
+            models = {v: checkpoint_for(t, ROOT / model, work / f"{v}_model.pt", env_base) for v, t in trees.items()}
+            seconds: dict[str, dict[str, list[float]]] = {v: {"pretrain": [], "adapt": []} for v in trees}
+
+            def timed(version: str, stage: str, its: int, run_dir: Path) -> float:
+                tree = trees[version]
+                run_dir.mkdir(parents=True)
+                p_its = its if stage == "pretrain" else pretrain_short
+                a_its = its if stage == "adapt" else adapt_short
+                params = timing_params(tree, run_dir / "params.yaml", p_its, a_its)
+                if stage == "pretrain":
+                    args = ["stages/pretrain.py", "--params", str(params), "--data", str(ROOT / data / "source_train"),
+                            "--out", str(run_dir / "model.pt"), "--log", str(run_dir / "losses.csv"),
+                            "--work-dir", str(run_dir / "work")]
+                else:
+                    args = ["stages/adapt.py", "--params", str(params), "--name", "vspa", "--model", str(models[version]),
+                            "--source", str(ROOT / data / "source_train"), "--target",
+                            str(ROOT / data / "target_train"), "--memory", str(ROOT / memory), "--out",
+                            str(run_dir / "adapt"), "--log-dir", str(run_dir / "logs")]
+                env = dict(env_base, PYTHONPATH=str(tree / "src"))
+                start = time.perf_counter()
+                proc = subprocess.run([sys.executable, *args], cwd=tree, env=env, capture_output=True, text=True)
+                elapsed = time.perf_counter() - start
+                if proc.returncode:
+                    raise VspaError(f"bench_iteration: {version} {stage} ({its} iterations) failed in {tree}:\n"
+                                    f"{proc.stderr[-3000:]}")
+                return elapsed
+
+            for rep in range(reps):
+                for stage, (short, long) in windows.items():
+                    for version in trees:
+                        t_short = timed(version, stage, short, work / f"r{rep}_{version}_{stage}_short")
+                        t_long = timed(version, stage, long, work / f"r{rep}_{version}_{stage}_long")
+                        per_it = (t_long - t_short) / (long - short)
+                        seconds[version][stage].append(per_it)
+                        print(f"[bench_iteration] rep {rep + 1}/{reps} {stage} {version}: {per_it:.3f} s/it "
+                              f"({short} its {t_short:.1f} s, {long} its {t_long:.1f} s)", file=sys.stderr)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+        result = {
+            "command": " ".join(["python benchmarks/bench_iteration.py", *sys.argv[1:]]),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+            "threads": threads, "reps": reps, "windows": windows,
+            "old": {"revision": old, "commit": old_commit},
+            "new": {"revision": new, "commit": new_commit},
+            "seconds_per_iteration": seconds, "median": {}, "speedup": {},
+        }
+        for stage in windows:
+            old_med = statistics.median(seconds["old"][stage])
+            new_med = statistics.median(seconds["new"][stage])
+            result["median"][stage] = {"old": old_med, "new": new_med}
+            result["speedup"][stage] = old_med / new_med
+        write_json_atomic(out / "bench_iteration.json", result)
+        lines = [
+            f"Seconds per training iteration, old ({old} = {old_commit[:7]}) and new ({new} = {new_commit[:7]}) code timed in one "
+            f"run (`{result['command']}`; {result['machine']}, {threads} thread(s) per process, torch "
+            f"{result['torch']}). Per stage: (T(long) - T(short)) / (long - short) over two runs of its stage "
+            f"script; versions alternate within each repetition; median of {reps}.", "",
+            "| stage | old s/it | new s/it | speed-up (old / new) | per repetition old | per repetition new |",
+            "|---|---:|---:|---:|---|---|",
+        ]
+        labels = {"pretrain": f"pretrain (batch 4, {pretrain_short}->{pretrain_long} its)",
+                  "adapt": f"adapt VSPA (2+2 images, {adapt_short}->{adapt_long} its)"}
+        for stage in windows:
+            med = result["median"][stage]
+            lines.append(
+                f"| {labels[stage]} | {med['old']:.3f} | {med['new']:.3f} | {result['speedup'][stage]:.2f}x | "
+                f"{', '.join(f'{s:.3f}' for s in seconds['old'][stage])} | "
+                f"{', '.join(f'{s:.3f}' for s in seconds['new'][stage])} |"
+            )
+        write_text_atomic(out / "bench_iteration.md", "\n".join(lines) + "\n")
+        print("\n".join(lines))
+
+    run_stage(body)
+
+
+if __name__ == "__main__":
+    typer.run(main)
