@@ -8,7 +8,7 @@ leak into it). Each version runs its own stage scripts with
 its own ``params.yaml`` (default scenario), changed only in the iteration counts, ``device: cpu``, no
 checkpoint and no memory refresh inside the window:
 
-- ``stages/pretrain.py`` on ``data/benchmark/source_train``;
+- ``stages/train.py --section pretrain`` (``stages/pretrain.py`` in older versions) on ``data/benchmark/source_train``;
 - ``stages/adapt.py --name vspa`` from the committed source detector (``models/source/model.pt``) and memory
   (``models/memory/subsampled.h5``), so both versions adapt the same model with the same memory.
 
@@ -127,7 +127,9 @@ def main(
                 a_its = its if stage == "adapt" else adapt_short
                 params = timing_params(tree, run_dir / "params.yaml", p_its, a_its)
                 if stage == "pretrain":
-                    args = ["stages/pretrain.py", "--params", str(params), "--data", str(ROOT / data / "source_train"),
+                    script = (["stages/train.py", "--section", "pretrain"] if (tree / "stages/train.py").is_file()
+                              else ["stages/pretrain.py"])  # one script for pretrain and oracle since issue 15
+                    args = [*script, "--params", str(params), "--data", str(ROOT / data / "source_train"),
                             "--out", str(run_dir / "model.pt"), "--log", str(run_dir / "losses.csv"),
                             "--work-dir", str(run_dir / "work")]
                 else:

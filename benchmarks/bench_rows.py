@@ -126,7 +126,7 @@ class Chain:
             return all((r / d / f"{row}.json").is_file() for d in ("metrics", "metrics_val"))
 
         if not all(evaluated(row) for row in self.rows if row != "oracle_on_target"):
-            self.run("pretrain", ["stages/pretrain.py", "--data", str(DATA / "source_train"), "--out", str(source), "--log",
+            self.run("pretrain", ["stages/train.py", "--section", "pretrain", "--data", str(DATA / "source_train"), "--out", str(source), "--log",
                                   str(m / "logs/pretrain_losses.csv"), "--work-dir", str(m / "source/work")], source)
         adapt_rows = [row for row in ADAPT_ROWS if row in self.rows and not evaluated(row)]
         if any(row in ("vspa", "mila_like", "bg_only") for row in adapt_rows):
@@ -145,7 +145,7 @@ class Chain:
             if not kept.is_file():
                 write_json_atomic(kept, json.loads((logs / "diagnostics.json").read_text()))
         if "oracle_on_target" in self.rows and not evaluated("oracle_on_target"):
-            self.run("oracle", ["stages/oracle.py", "--data", str(DATA / "target_train"), "--out", str(oracle), "--log", str(m / "logs/oracle_losses.csv"),
+            self.run("oracle", ["stages/train.py", "--section", "oracle", "--data", str(DATA / "target_train"), "--out", str(oracle), "--log", str(m / "logs/oracle_losses.csv"),
                                 "--work-dir", str(m / "oracle/work")], oracle)
         checkpoints = {"source_on_target": source, "oracle_on_target": oracle,
                        **{row: m / "adapt" / row / "model.pt" for row in ADAPT_ROWS}}

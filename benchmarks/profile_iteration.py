@@ -110,7 +110,7 @@ def main(
                 raise VspaError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
 
         try:
-            run("stages/pretrain.py", ["--data", str(data / "source_train"), "--out", str(work / "source.pt"),
+            run("stages/train.py", ["--section", "pretrain", "--data", str(data / "source_train"), "--out", str(work / "source.pt"),
                                        "--log", str(work / "pretrain.csv"), "--work-dir", str(work / "pw")],
                 work / "pretrain.prof")
             run("stages/extract_memory.py", ["--model", str(work / "source.pt"), "--data", str(data / "source_train"),

@@ -420,3 +420,17 @@ def test_training_stage_rejects_a_typo_naming_the_key_and_the_params_file(tmp_pa
         run_training_stage(str(params), "pretrain", tmp_path / "split", tmp_path / "model.pt", tmp_path / "l.csv",
                            tmp_path / "work", "pretrain")
     assert not (tmp_path / "work").exists() and not (tmp_path / "model.pt").exists()
+
+
+def test_train_stage_serves_pretrain_and_oracle_and_rejects_another_section(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    paths = dict(data=tmp_path / "split", out=tmp_path / "m.pt", log=tmp_path / "l.csv", work_dir=tmp_path / "w")
+    with pytest.raises(SystemExit) as exc:
+        stage_main("train")(section="pretrian", params=str(tmp_path / "p.yaml"), **paths)
+    assert exc.value.code == 2
+    assert "--section 'pretrian': choose one of pretrain, oracle" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+    (tmp_path / "p.yaml").write_text("scenario: synth_fog\nmodel: {backbone: small}\noracle: {iterations: 0}\n")
+    with pytest.raises(SystemExit):
+        stage_main("train")(section="oracle", params=str(tmp_path / "p.yaml"), **paths)
+    assert "p.yaml: oracle.iterations must be >= 1, got 0" in capsys.readouterr().err  # the oracle section was read

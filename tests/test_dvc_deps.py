@@ -240,7 +240,7 @@ def test_stage_scripts_have_no_path_defaults():
                 with_default.append(f"{script.name}: --{name.replace('_', '-')}")
     assert not with_default, (f"path options with a default: {with_default}. Make them required "
                               f"(typer.Option(..., help=...)) and pass them in dvc.yaml's cmd.")
-    assert options_of((ROOT / "stages" / "pretrain.py").read_text())["params"]["required"] is False  # kept
+    assert options_of((ROOT / "stages" / "train.py").read_text())["params"]["required"] is False  # kept
 
 
 @pytest.mark.parametrize("name", sorted(stage_paths()))
@@ -272,7 +272,7 @@ def test_the_option_check_fails_when_an_option_is_dropped():
     assert missing_options(adapt.replace("--log-dir reports/adapt/${item}", "")) == ["--log-dir"]
     assert missing_options(adapt.replace("--out models/adapt/${item} ", "")) == ["--out"]
     # a default brought back makes the option optional, so the script-level check names it
-    source = (ROOT / "stages" / "pretrain.py").read_text()
+    source = (ROOT / "stages" / "train.py").read_text()
     old = "data: Path = typer.Option(..., "
     assert old in source
     restored = options_of(source.replace(old, 'data: Path = typer.Option(Path("data/benchmark/source_train"), '))

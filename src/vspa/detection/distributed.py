@@ -1,6 +1,6 @@
 """Multi-process training under ``torchrun`` (one process per device).
 
-``torchrun --nproc_per_node=N stages/pretrain.py`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``;
+``torchrun --nproc_per_node=N stages/train.py`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``;
 ``setup`` then joins the process group (gloo on CPU, nccl on GPU). Without those variables everything
 here is a no-op for a single process, so the same code runs both ways.
 """
