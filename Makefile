@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python ...` through the shell: the venv's interpreter must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: params repro augsim test test-slow bench bench-diversity real-scale gpu-check smoke-real clean-venv
+.PHONY: params repro augsim test test-slow bench bench-diversity bench-iteration real-scale gpu-check smoke-real readme clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,17 @@ gpu-check: $(STAMP)
 # Slow (11-15 min per preset on one thread); SCENARIOS=cityscapes_foggy,... to run some.
 smoke-real: $(STAMP)
 	$(BIN)/python benchmarks/smoke_real.py $(if $(SCENARIOS),--scenarios $(SCENARIOS),)
+
+# Seconds per pretrain and VSPA adaptation iteration of two git revisions timed side by side in one run
+# (OLD=050fbb5 NEW=HEAD by default) -> reports/bench/bench_iteration.md. Needs `dvc repro subsample` first; run alone.
+OLD ?= 050fbb5
+NEW ?= HEAD
+bench-iteration: $(STAMP)
+	$(BIN)/python benchmarks/bench_iteration.py --old $(OLD) --new $(NEW)
+
+# README tables are copies of the reports' tables (a `<!-- table: PATH -->` marker above each): refresh them.
+readme: $(STAMP)
+	$(BIN)/python -m vspa.reporting.readme README.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -18,7 +18,7 @@ of it (start-up, data loading and the final save cancel out). The versions alter
 reported with the ratio old / new. Run it alone: other jobs on the machine inflate both versions, not
 necessarily by the same factor.
 
-    python benchmarks/bench_iteration.py [--old 050fbb5] [--reps 3] [--threads 2]
+    python benchmarks/bench_iteration.py [--old 050fbb5] [--new HEAD] [--reps 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -90,12 +90,12 @@ def checkpoint_for(tree: Path, checkpoint: Path, dest: Path, env: dict) -> Path:
 def main(
     old: str = typer.Option("050fbb5", help="The old version: a git revision."),
     new: str = typer.Option("HEAD", help="The new version: a git revision."),
-    reps: int = typer.Option(3, min=1, help="Repetitions (median reported)."),
+    reps: int = typer.Option(5, min=1, help="Repetitions (median reported)."),
     threads: int = typer.Option(2, min=1, help="Threads per process (OMP_NUM_THREADS, torch)."),
     pretrain_short: int = typer.Option(10, min=1, help="Pretrain iterations of the short run."),
-    pretrain_long: int = typer.Option(40, min=2, help="Pretrain iterations of the long run."),
+    pretrain_long: int = typer.Option(60, min=2, help="Pretrain iterations of the long run."),
     adapt_short: int = typer.Option(5, min=1, help="Adaptation iterations of the short run."),
-    adapt_long: int = typer.Option(25, min=2, help="Adaptation iterations of the long run."),
+    adapt_long: int = typer.Option(55, min=2, help="Adaptation iterations of the long run (5 -> 55 holds two of the gradient-share iterations, 1 in 25, as a whole run does)."),
     data: Path = typer.Option(Path("data/benchmark"), help="The benchmark's splits (prepare's output)."),
     model: Path = typer.Option(Path("models/source/model.pt"), help="Source detector both versions adapt."),
     memory: Path = typer.Option(Path("models/memory/subsampled.h5"), help="Memory both versions adapt with."),
