@@ -10,7 +10,7 @@ from vspa.adaptation.align import BG_MODES, FG_MODES, FG_NEGATIVES
 from vspa.adaptation.data import PAIRING_EXAMPLES, PAIRING_FOLDERS
 from vspa.adaptation.pairing import PAIRING_MODES
 from vspa.config import check_device, check_number, parse_section
-from vspa.detection.train import WARMUP_FACTOR
+from vspa.training import schedule
 from vspa.utils import VspaError
 
 FG_BOXES = ("teacher", "student")
@@ -164,8 +164,6 @@ class AdaptConfig:
         return out
 
     def lr_factor(self, iteration: int) -> float:
-        """Constant learning rate after a linear warm-up (the paper: no decay)."""
-        if iteration < self.warmup_iters:
-            alpha = iteration / self.warmup_iters
-            return WARMUP_FACTOR * (1 - alpha) + alpha
-        return 1.0
+        """Constant learning rate after a linear warm-up (the paper: no decay;
+        :func:`vspa.training.schedule.lr_factor` without steps)."""
+        return schedule.lr_factor(iteration, self.warmup_iters)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vspa.adaptation.pairing import PairTable
-from vspa.detection.train import derive_seed, global_batch
+from vspa.training.seeds import derive_seed, global_batch
 from vspa.utils import VspaError, sha256_file
 
 if TYPE_CHECKING:  # config.py imports this module (PAIRING_FOLDERS, PAIRING_EXAMPLES)

@@ -17,7 +17,7 @@ One iteration (method spec section 5):
    Rank 0 builds it and writes it, the other processes read the same file after a barrier.
 
 Determinism: every random draw of iteration ``k`` comes from generators seeded by ``(seed, k, ...)``
-(:func:`vspa.detection.train.derive_seed`), so the state at a checkpoint is a function of the iteration, and
+(:func:`vspa.training.seeds.derive_seed`), so the state at a checkpoint is a function of the iteration, and
 a run killed and resumed from its last checkpoint gives bit-identical weights on the CPU.
 
 Alignment view (``align_view``). With ``weak`` (default) the image discriminator compares the weak source
@@ -43,19 +43,16 @@ object ids (never its labels), and anchors matching no object are dropped. The w
 selects the counterpart of the mirrored object. Negatives are drawn from the usual memory as in
 ``fg_mode: memory``, so the mode needs the memory file.
 
-This module holds the training loop (:func:`adapt`), its resumable state and its logs. The configuration is
-in :mod:`vspa.adaptation.config`, the losses of one iteration in :mod:`vspa.adaptation.step`, the inputs and
-the batches in :mod:`vspa.adaptation.data`, the memory's state and refresh in :mod:`vspa.adaptation.bank`;
-their public names are re-exported here. (At about 440 lines it is over the project's 400-line guide on
-purpose: :func:`adapt` is one explicit, hook-free loop body of about 240 lines, and this docstring describes
-the whole method.)
+This module holds the training loop (:func:`adapt`), its resumable state and its logs; the plumbing shared
+with the detector's loop (seed streams, state file, schedule, loss log, divergence check) is in
+:mod:`vspa.training`. The configuration is in :mod:`vspa.adaptation.config`, the losses of one iteration in
+:mod:`vspa.adaptation.step`, the inputs and the batches in :mod:`vspa.adaptation.data`, the memory's state and
+refresh in :mod:`vspa.adaptation.bank`; their public names are re-exported here. (:func:`adapt` is one
+explicit, hook-free loop body of about 220 lines, and this docstring describes the whole method.)
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 import sys
 import time
 from pathlib import Path
@@ -76,19 +73,15 @@ from vspa.adaptation.teacher import ema_update, make_teacher, teacher_detect
 from vspa.detection import checkpoint as detector_checkpoint
 from vspa.detection import distributed
 from vspa.detection.model import LOSS_NAMES, Detector
-from vspa.detection.train import derive_seed
 from vspa.memory.retrieval import Retriever
 from vspa.memory.store import MemoryBank, open_memory
+from vspa.training.guard import check_finite
+from vspa.training.log import write_log
 from vspa.training.precision import Precision
-from vspa.utils import (
-    VspaError,
-    rng_state,
-    save_torch_atomic,
-    set_rng_state,
-    sha256_file,
-    sha256_json,
-    write_text_atomic,
-)
+from vspa.training.schedule import sgd_with_schedule
+from vspa.training.seeds import derive_seed
+from vspa.training.state import load_state, save_state
+from vspa.utils import VspaError, rng_state, set_rng_state, sha256_file, sha256_json, write_text_atomic
 
 # this module's API and, re-exported on purpose, the public names of the modules split off it (stages,
 # benchmarks and tests import them from here)
@@ -125,34 +118,6 @@ CSV_COLUMNS = (
     "time_iter",
     "time_align",
 )
-
-
-def _csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (int(row[k]) if k == "iteration" else f"{row[k]:.6g}") for k in CSV_COLUMNS})
-    return buf.getvalue()
-
-
-def _load_state(path: Path, fingerprint: str) -> dict | None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - an unreadable state only means starting over
-        print(f"[adapt] {path}: unreadable ({type(exc).__name__}); starting from iteration 0.", file=sys.stderr)
-        return None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        print(f"[adapt] {path}: not an adaptation state; starting from iteration 0.", file=sys.stderr)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        print(
-            f"[adapt] {path}: written with another configuration or other inputs; starting from iteration 0 "
-            f"(it will be overwritten).",
-            file=sys.stderr,
-        )
-        return None
-    return state
 
 
 def adapt(
@@ -204,9 +169,8 @@ def adapt(
     teacher = make_teacher(student)
     step_module = StudentStep(student, cfg).to(device)
     params = [p for p in step_module.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer, scheduler = sgd_with_schedule(params, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_factor)
     precision = Precision(cfg.amp, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
     inputs = data.fingerprint
     if cfg.use_pairing:
         inputs = {**inputs, "pairing": pairing_fingerprint(data.pairing_table)}
@@ -228,7 +192,8 @@ def adapt(
             )
 
     start, rows, refresh_seconds = 0, [], []
-    state = _load_state(state_path, fingerprint) if state_path.is_file() else None
+    # None: missing, foreign or unreadable (vspa.training.state); not weights_only: the state holds RNG states
+    state = load_state(state_path, STATE_FORMAT, fingerprint, "adapt", weights_only=False)
     if state is not None:
         step_module.load_state_dict(state["step"])  # the student and the discriminators
         teacher.load_state_dict(state["teacher"])
@@ -268,24 +233,19 @@ def adapt(
 
     def checkpoint(iteration: int) -> None:
         if ctx.is_main:
-            save_torch_atomic(
-                {
-                    "format": STATE_FORMAT,
-                    "fingerprint": fingerprint,
-                    "iteration": iteration,
-                    "step": step_module.state_dict(),
-                    "teacher": teacher.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    **({"scaler": precision.state_dict()} if precision.enabled else {}),
-                    "memory": _bank_state(bank) if bank is not None and bank.path != data.memory_path else None,
-                    "pairing": pair_bank.state_dict() if pair_bank is not None else None,
-                    "rng": rng_state(),
-                    "rows": rows,
-                    "refresh_seconds": refresh_seconds,
-                },
-                state_path,
-            )
+            payload = {
+                "step": step_module.state_dict(),
+                "teacher": teacher.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                **({"scaler": precision.state_dict()} if precision.enabled else {}),
+                "memory": _bank_state(bank) if bank is not None and bank.path != data.memory_path else None,
+                "pairing": pair_bank.state_dict() if pair_bank is not None else None,
+                "rng": rng_state(),
+                "rows": rows,
+                "refresh_seconds": refresh_seconds,
+            }
+            save_state(state_path, STATE_FORMAT, fingerprint, iteration, payload)
             _write_logs(log_csv, rows)
         distributed.barrier(ctx)
 
@@ -332,12 +292,8 @@ def adapt(
             names = list(dict.fromkeys(names))
             logged = distributed.all_reduce_mean(torch.stack([losses[k].detach().float() for k in names]), ctx)
             values = dict(zip(names, logged.cpu().tolist()))
-            if not math.isfinite(values["total"]):
-                raise VspaError(
-                    f"adaptation diverged at iteration {it + 1}: non-finite loss "
-                    f"({', '.join(f'{k}={v:.4g}' for k, v in values.items())}). Lower adapt.lr (now {cfg.lr:g}) "
-                    f"or the loss weights."
-                )
+            check_finite(values, it + 1, "adaptation", f"Lower adapt.lr (now {cfg.lr:g}) or the loss weights.",
+                         keys=["total"])  # the total is checked; every column is in the message
             optimizer.zero_grad(set_to_none=True)
             sample = bool(cfg.diag_every) and it % cfg.diag_every == 0 and not ctx.enabled
             with _timer(device, t_backward):
@@ -395,7 +351,7 @@ def adapt(
 
 def _write_logs(log_csv: Path, rows: list[dict]) -> None:
     """``losses.csv``, and beside it ``diagnostics.csv`` and ``grad_shares.csv`` (atomic writes)."""
-    write_text_atomic(log_csv, _csv_text(rows))
+    write_log(log_csv, rows, CSV_COLUMNS)
     write_text_atomic(log_csv.with_name("diagnostics.csv"), diagnostics.iteration_csv_text(rows))
     write_text_atomic(log_csv.with_name("grad_shares.csv"), diagnostics.shares_csv_text(rows))
 

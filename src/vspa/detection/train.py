@@ -9,21 +9,19 @@ same weights, bit for bit on the CPU, as a run that never stopped.
 
 ``work_dir/last.pt`` holds the training state (weights, optimizer, scheduler, iteration, loss rows); it is
 written atomically every ``checkpoint_every`` iterations and at the end, and a new call resumes from it
-when it was made with the same configuration.
+when it was made with the same configuration (otherwise it starts over: :mod:`vspa.training.state`). The
+seed streams, state file, schedule, loss log and divergence check are the shared :mod:`vspa.training`
+modules; the loop body below stays explicit.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -33,16 +31,25 @@ from vspa.data import transforms
 from vspa.data.coco import DetectionDataset, dataset_sha256
 from vspa.detection import checkpoint, distributed
 from vspa.detection.model import LOSS_NAMES, Detector, DetectorConfig, build_detector
+from vspa.training import schedule
+from vspa.training import state as state_file  # (save_state is the loop's closure below)
+from vspa.training.guard import check_finite
+from vspa.training.log import write_log
 from vspa.training.precision import Precision
-from vspa.utils import VspaError, save_torch_atomic, seed_everything, sha256_json, write_text_atomic
+from vspa.training.schedule import WARMUP_FACTOR, sgd_with_schedule
+from vspa.training.seeds import BATCH_ORDER, derive_seed, global_batch
+from vspa.utils import VspaError, seed_everything, sha256_json
 
-WARMUP_FACTOR = 0.001  # lr multiplier at iteration 0, rising linearly to 1 at warmup_iters
+# re-exported: other modules and tests import these names from here
+__all__ = ["CSV_COLUMNS", "STATE_FORMAT", "WARMUP_FACTOR", "TrainConfig", "derive_seed", "global_batch",
+           "run_training_stage", "train_detector"]
+
 CSV_COLUMNS = ("iteration", "lr", *LOSS_NAMES, "total")
 STATE_FORMAT = "vspa-train-state/1"
 IMAGE_CACHE_MB = 1024  # decoded training images kept in memory (per dataset and process): each is decoded once
 
-# Streams of random numbers drawn from (seed, iteration, ...): kept apart by a stream id.
-_ORDER, _AUG, _SAMPLER = 0, 1, 2
+# Streams of random numbers drawn from (seed, iteration, ...): kept apart by a stream id (vspa.training.seeds).
+_ORDER, _AUG, _SAMPLER = BATCH_ORDER, 1, 2
 
 
 @dataclass
@@ -96,32 +103,9 @@ class TrainConfig:
         return out
 
     def lr_factor(self, iteration: int) -> float:
-        """Multiplier of ``lr`` at a 0-based iteration: linear warm-up, then x0.1 at each step passed."""
-        factor = 0.1 ** sum(iteration >= s for s in self.lr_steps)
-        if iteration < self.warmup_iters:
-            alpha = iteration / self.warmup_iters
-            factor *= WARMUP_FACTOR * (1 - alpha) + alpha
-        return factor
-
-
-def derive_seed(*numbers: int) -> int:
-    """A well-mixed 63-bit seed from a tuple of non-negative integers."""
-    high, low = np.random.SeedSequence(list(numbers)).generate_state(2)
-    return (int(high) << 31) ^ int(low)
-
-
-def global_batch(num_items: int, batch_size: int, seed: int, iteration: int) -> list[int]:
-    """Dataset indices of iteration ``iteration``'s global batch.
-
-    Items are taken in the order of a permutation drawn afresh for each epoch (seeded by ``seed`` and the
-    epoch), so every item is used once per epoch; a batch may straddle two epochs.
-    """
-    out = []
-    for position in range(iteration * batch_size, (iteration + 1) * batch_size):
-        epoch, offset = divmod(position, num_items)
-        g = torch.Generator().manual_seed(derive_seed(seed, epoch, _ORDER))
-        out.append(int(torch.randperm(num_items, generator=g)[offset]))
-    return out
+        """Multiplier of ``lr`` at a 0-based iteration: linear warm-up, then x0.1 at each step passed
+        (:func:`vspa.training.schedule.lr_factor`)."""
+        return schedule.lr_factor(iteration, self.warmup_iters, self.lr_steps)
 
 
 def _augment(image: torch.Tensor, target: dict, generator: torch.Generator, strong_aug: bool):
@@ -137,35 +121,6 @@ def _fingerprint(cfg: TrainConfig, detector: Detector, dataset_id: str) -> str:
     return sha256_json(
         {"train": train, "model": detector.cfg.to_dict(), "num_classes": detector.num_classes, "data": dataset_id}
     )
-
-
-def _csv_text(rows: list[dict[str, float]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: (int(row[k]) if k == "iteration" else f"{row[k]:.6g}") for k in CSV_COLUMNS})
-    return buf.getvalue()
-
-
-def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The training state in ``path`` if it belongs to this run, else None (with a message)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - an unreadable state file only means starting over
-        print(f"[train] {path}: unreadable ({type(exc).__name__}); starting from iteration 0.", file=sys.stderr)
-        return None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        print(f"[train] {path}: not a training state; starting from iteration 0.", file=sys.stderr)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        print(
-            f"[train] {path}: written with a different configuration or dataset; starting from iteration 0 "
-            f"(it will be overwritten).",
-            file=sys.stderr,
-        )
-        return None
-    return state
 
 
 def train_detector(
@@ -196,13 +151,13 @@ def train_detector(
     state_path = work_dir / "last.pt"
     detector.to(ctx.device).train()
     params = [p for p in detector.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
+    optimizer, scheduler = sgd_with_schedule(params, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lr_factor)
     fingerprint = _fingerprint(cfg, detector, dataset_id or f"{len(dataset)} items")
     precision = Precision(cfg.amp, ctx.device)
 
     start, rows = 0, []
-    state = _load_state(state_path, fingerprint) if state_path.is_file() else None
+    # None when missing, foreign or unreadable (vspa.training.state): start from iteration 0
+    state = state_file.load_state(state_path, STATE_FORMAT, fingerprint, "train")
     if state is not None:
         detector.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -218,20 +173,15 @@ def train_detector(
 
     def save_state(iteration: int) -> None:
         if ctx.is_main:
-            save_torch_atomic(
-                {
-                    "format": STATE_FORMAT,
-                    "fingerprint": fingerprint,
-                    "iteration": iteration,
-                    "model": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    **({"scaler": precision.state_dict()} if precision.enabled else {}),
-                    "rows": rows,
-                },
-                state_path,
-            )
-            write_text_atomic(log_csv, _csv_text(rows))
+            payload = {
+                "model": {k: v.detach().cpu() for k, v in detector.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                **({"scaler": precision.state_dict()} if precision.enabled else {}),
+                "rows": rows,
+            }
+            state_file.save_state(state_path, STATE_FORMAT, fingerprint, iteration, payload)
+            write_log(log_csv, rows, CSV_COLUMNS)
         distributed.barrier(ctx)
 
     share = cfg.batch_size // ctx.world_size
@@ -259,25 +209,23 @@ def train_detector(
             losses = model(images, targets)
         total = sum(losses[k].float() for k in LOSS_NAMES)
         logged = distributed.all_reduce_mean(torch.stack([losses[k] for k in LOSS_NAMES] + [total]), ctx).cpu()
-        if not torch.isfinite(logged).all():
-            raise VspaError(
-                f"training diverged at iteration {it + 1}: non-finite loss "
-                f"({', '.join(f'{k}={v:.4g}' for k, v in zip((*LOSS_NAMES, 'total'), logged.tolist()))}). "
-                f"Lower the learning rate (lr, now {cfg.lr:g}) or lengthen warmup_iters ({cfg.warmup_iters})."
-            )
+        values = logged.tolist()
+        check_finite(
+            dict(zip((*LOSS_NAMES, "total"), values)), it + 1, "training",
+            f"Lower the learning rate (lr, now {cfg.lr:g}) or lengthen warmup_iters ({cfg.warmup_iters}).",
+        )
         optimizer.zero_grad(set_to_none=True)
         precision.backward(total)
         precision.step(optimizer)
         scheduler.step()
 
-        values = logged.tolist()
         rows.append({"iteration": it + 1, "lr": lr, **dict(zip(LOSS_NAMES, values[:-1])), "total": values[-1]})
         bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{lr:.2g}")
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
             save_state(it + 1)
     bar.close()
     if start >= cfg.iterations and ctx.is_main:
-        write_text_atomic(log_csv, _csv_text(rows))  # the run was complete: make sure the log is there
+        write_log(log_csv, rows, CSV_COLUMNS)  # the run was complete: make sure the log is there
     distributed.barrier(ctx)
     return detector
 
