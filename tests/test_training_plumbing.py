@@ -155,3 +155,19 @@ def test_check_finite_names_the_iteration_every_value_and_the_fix():
     with pytest.raises(VspaError, match=r"adaptation diverged at iteration 1: .*total=inf"):
         check_finite({"a": 1.0, "total": float("inf")}, 1, "adaptation", "x", keys=["total"])
     check_finite({"diag": float("nan"), "total": 1.0}, 1, "adaptation", "x", keys=["total"])  # only the keys checked
+
+
+def test_a_state_written_by_other_code_is_not_resumed(monkeypatch):
+    """The package's source is part of the resume fingerprint: after a code change, dvc repro retrains
+    instead of "resuming" the previous, completed run and writing its weights again."""
+    from vspa.detection import train as train_module
+    from vspa.detection.model import DetectorConfig, build_detector
+    from vspa.training import state as state_module
+
+    digest = state_module.code_digest()
+    assert len(digest) == 64 and digest == state_module.code_digest()
+    cfg = train_module.TrainConfig(iterations=1, batch_size=1, lr=0.1)
+    detector = build_detector(DetectorConfig(), 3)
+    before = train_module._fingerprint(cfg, detector, "data")
+    monkeypatch.setattr(state_module, "code_digest", lambda: "0" * 64)
+    assert train_module._fingerprint(cfg, detector, "data") != before

@@ -179,6 +179,7 @@ def adapt(
             "adapt": {k: v for k, v in cfg.record().items() if k not in ("device", "checkpoint_every")},
             "model": student.cfg.to_dict(),
             "inputs": inputs,
+            "code": code_digest(),  # a state written by other code is not resumed (vspa.training.state)
         }
     )
 

@@ -119,7 +119,8 @@ def _fingerprint(cfg: TrainConfig, detector: Detector, dataset_id: str) -> str:
     """What a resumed run must share with the run that wrote the checkpoint."""
     train = {k: v for k, v in cfg.record().items() if k not in ("device", "checkpoint_every")}
     return sha256_json(
-        {"train": train, "model": detector.cfg.to_dict(), "num_classes": detector.num_classes, "data": dataset_id}
+        {"train": train, "model": detector.cfg.to_dict(), "num_classes": detector.num_classes, "data": dataset_id,
+         "code": state_file.code_digest()}
     )
 
 

@@ -11,10 +11,17 @@ and fingerprint. Anything else is not an error, since the state is only a shortc
 * unreadable (``torch.load`` fails: truncated, not a torch file, ...) or foreign (not a dict, another
   ``format``, another ``fingerprint``): start from iteration 0 with one line on stderr saying why; the file is
   overwritten at the first checkpoint.
+
+Every fingerprint includes :func:`code_digest`, a hash of the package's source: a state written by other code
+is foreign. Without it, `dvc repro` after a change to the training code (which DVC reruns the stage for) would
+find the previous run's completed state in the work dir, "resume" at its last iteration and write the old
+weights again.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,16 @@ from typing import Any
 import torch
 
 from vspa.utils import save_torch_atomic
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of every ``.py`` file of the ``vspa`` package (relative path and bytes, in sorted order)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def load_state(
