@@ -80,7 +80,7 @@ from vspa.training.log import write_log
 from vspa.training.precision import Precision
 from vspa.training.schedule import sgd_with_schedule
 from vspa.training.seeds import derive_seed
-from vspa.training.state import load_state, save_state
+from vspa.training.state import code_digest, load_state, save_state
 from vspa.utils import VspaError, rng_state, set_rng_state, sha256_file, sha256_json, write_text_atomic
 
 # this module's API and, re-exported on purpose, the public names of the modules split off it (stages,
