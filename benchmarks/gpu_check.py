@@ -132,8 +132,11 @@ def check(device_name: str, iterations: int, amp: bool, work: Path) -> dict:
            final_loss=round(_finite_log(work / "adapt.csv", "total")[-1], 4))
     checkpoint.save(work / "adapted.pt", teacher, model_cfg, src_ds.class_names)
 
-    tcfg = TranslateConfig(variant="attention_lg", iterations=iterations, device=device_name,
-                           checkpoint_every=iterations)
+    from vspa.config import compose  # the translate section has no code defaults: its values are in conf/
+
+    tcfg = TranslateConfig.from_params({**compose(ROOT / "conf")["translate"], "variant": "attention_lg",
+                                        "iterations": iterations, "device": device_name,
+                                        "checkpoint_every": iterations})
     with Probe(torch, device) as probe:
         result = train_translator(tcfg, data / "target_train", data / "source_train", work / "translator.pt",
                                   work / "translator_state.pt", work / "translator.csv", progress=False)

@@ -15,6 +15,7 @@ import typer
 
 from vspa.config import stage_config
 from vspa.translation.apply import translate_split
+from vspa.translation.trainer import DEFAULT_VARIANT
 from vspa.utils import VspaError, get_device, run_stage
 
 
@@ -29,7 +30,7 @@ def main(
 ) -> None:
     def body() -> None:
         cfg = stage_config(params, "translate")["translate"]
-        name = variant or cfg.get("variant") or "attention_lg"
+        name = variant or cfg.get("variant") or DEFAULT_VARIANT
         if "/" in name or name.startswith("."):
             raise VspaError(f"--variant '{name}': use cut, attention or attention_lg.")
         summary = translate_split(models_dir / name / "model.pt", data, out_dir / name / data.name,

@@ -75,7 +75,8 @@ def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
     assert {"prepare", "pretrain", "oracle", "extract_memory", "subsample", "adapt@vspa", "report"} <= stages
     rows = ("source_on_source", "source_on_target", "oracle_on_target", "fair_source", "at_like", "mila_like",
             "bg_only", "vspa")
-    for name in rows + ("translate_cut", "translate_attention", "translate_attention_lg"):
+    translators = tuple(f"translate_{v}_s{k}" for v in ("cut", "attention", "attention_lg") for k in (0, 1, 2))
+    for name in rows + translators:
         metrics = json.loads((repo / "reports" / "metrics" / f"{name}.json").read_text())
         assert 0.0 <= metrics["mAP"] <= 100.0
         assert set(metrics["AP"]) == {"car", "person", "truck"}
@@ -100,6 +101,9 @@ def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
     fair = json.loads((repo / "reports" / "adapt" / "fair_source" / "summary.json").read_text())
     assert fair["pseudo_labels_per_image"] == 0  # no target image was read
     assert "missing" not in (repo / "reports" / "comparison_all.md").read_text()
+    seeds_md = (repo / "reports" / "translate" / "seeds.md").read_text()  # the translator rows over 3 seeds
+    assert "Paired mAP difference against **Translator without attention (CUT-like)" in seeds_md
+    assert seeds_md.count("| attention_lg | ") == 3  # one diagnostics line per seed
 
 
 @pytest.mark.e2e

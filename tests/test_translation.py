@@ -199,15 +199,31 @@ def test_local_global_needs_attention():
 # --------------------------------------------------------------------------- config
 
 
+def translate_params(**overrides) -> dict:
+    """The committed params.yaml's translate section (the composition of conf/) with ``overrides``."""
+    return {**yaml.safe_load((ROOT / "params.yaml").read_text())["translate"], **overrides}
+
+
 def test_translate_config_validation():
-    assert TranslateConfig.from_section({"variant": "cut", "lr": None}).lr == TranslateConfig().lr
-    with pytest.raises(VspaError, match="unknown key.*translate.lambda_idt"):
-        TranslateConfig.from_section({"lambda_idt": 1.0})
-    with pytest.raises(VspaError, match="translate.variant must be one of cut, attention, attention_lg"):
-        TranslateConfig.from_section({"variant": "cyclegan"})
+    # parsed by vspa.config.parse_section: every key but variant is required (its value is in conf/config.yaml)
+    base = translate_params()
+    assert TranslateConfig.from_params(base).variant == "attention_lg"  # the default: not in params.yaml
+    with pytest.raises(VspaError, match="translate.lr is not set"):
+        TranslateConfig.from_params({**base, "lr": None})
+    with pytest.raises(VspaError, match="unknown key.*lambda_idt"):
+        TranslateConfig.from_params({**base, "lambda_idt": 1.0})
+    with pytest.raises(VspaError, match="translate.variant 'cyclegan' is unknown. Use one of: cut, attention, attention_lg"):
+        TranslateConfig.from_params({**base, "variant": "cyclegan"})
     with pytest.raises(VspaError, match="crop_height must be a positive multiple of 16"):
-        TranslateConfig.from_section({"variant": "attention_lg", "crop_height": 72, "crop_width": 128})
-    assert TranslateConfig.from_section({"variant": "cut", "crop_height": 72, "crop_width": 128}).crop_height == 72
+        TranslateConfig.from_params({**base, "variant": "attention_lg", "crop_height": 72, "crop_width": 128})
+    assert TranslateConfig.from_params({**base, "variant": "cut", "crop_height": 72, "crop_width": 128}).crop_height == 72
+    assert TranslateConfig.from_params({**base, "crop_height": None, "crop_width": None}).crop_height is None
+    with pytest.raises(VspaError, match="set both translate.crop_height and translate.crop_width"):
+        TranslateConfig.from_params({**base, "crop_height": None})
+    with pytest.raises(VspaError, match="translate.ga_warmup must be >= 0, got -1"):
+        TranslateConfig.from_params({**base, "ga_warmup": -1})
+    with pytest.raises(VspaError, match="translate.lr must be a number, got 'fast'"):
+        TranslateConfig.from_params({**base, "lr": "fast"})
 
 
 def test_lr_factor_is_constant_then_linear():
@@ -218,11 +234,11 @@ def test_lr_factor_is_constant_then_linear():
 
 # --------------------------------------------------------------------------- training, resumption, stages
 
-STAGE_PARAMS = {  # a few tiny iterations: checks the plumbing, not the quality
-    "variant": "attention_lg", "iterations": 4, "batch_size": 1, "lr": 2e-4, "crop_height": 32, "crop_width": 64,
-    "ngf": 4, "n_blocks": 1, "n_content": 2, "ndf": 8, "num_patches": 16, "queue_size": 8, "momentum": 0.9,
-    "seed": 0, "device": "cpu", "checkpoint_every": 2,
-}
+STAGE_PARAMS = translate_params(  # a few tiny iterations: checks the plumbing, not the quality
+    variant="attention_lg", iterations=4, batch_size=1, lr=2e-4, crop_height=32, crop_width=64, ngf=4, n_blocks=1,
+    n_content=2, ndf=8, num_patches=16, queue_size=8, momentum=0.9, ga_warmup=2, seed=0, device="cpu",
+    checkpoint_every=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +250,7 @@ def tiny_splits(tiny_benchmark) -> dict[str, Path]:
 def test_training_resumes_to_the_same_model(tiny_splits, tmp_path, monkeypatch):
     from vspa.translation import trainer
 
-    cfg = TranslateConfig.from_section(STAGE_PARAMS)
+    cfg = TranslateConfig.from_params(STAGE_PARAMS)
     args = (tiny_splits["target_train"], tiny_splits["source_train"])
     straight = trainer.train_translator(cfg, *args, tmp_path / "a/model.pt", tmp_path / "a/state.pt",
                                         tmp_path / "a/losses.csv", progress=False)
@@ -286,10 +302,19 @@ def test_translate_train_apply_evaluate_stages(tiny_splits, tmp_path):
                               source=tiny_splits["source_train"], out_dir=tmp_path / "models",
                               reports_dir=tmp_path / "reports")
     assert (tmp_path / "models/attention/model.pt").is_file()
-    grid = Image.open(tmp_path / "reports/attention_grid.png")  # rows: the first 4 target images, 2 px apart
-    assert grid.size == (5 * 192 + 4 * 2, 4 * 96 + 3 * 2)  # tiles: input, output, 2 masks, background mask
+    # two rows per image (the first 4 target images), 2 px apart: input, output, 2 content maps; background
+    # mask, winning mask, 2 masks (issue 17: the content maps and the winner map are new)
+    grid = Image.open(tmp_path / "reports/attention_grid.png")
+    assert grid.size == (4 * 192 + 3 * 2, 8 * 96 + 7 * 2)
     rows = (tmp_path / "reports/attention_losses.csv").read_text().splitlines()
     assert len(rows) == 1 + STAGE_PARAMS["iterations"] and "loss_GA" not in rows[0]
+    diag = json.loads((tmp_path / "reports/attention_diagnostics.json").read_text())
+    assert diag["variant"] == "attention" and diag["iterations"] == STAGE_PARAMS["iterations"]
+    for when in ("init", "final"):
+        assert 0 < diag[when]["mask_entropy"] <= diag[when]["mask_entropy_max"] == pytest.approx(math.log(3), abs=1e-4)
+        assert 0 <= diag[when]["bg_on_objects"] <= 1 and 0 <= diag[when]["bg_off_objects"] <= 1
+        assert "lg_gap" not in diag[when]  # no L_GA in this variant
+    assert set(diag["losses"]) >= {"loss_D", "loss_G_GAN", "loss_NCE"} and "loss_GA" not in diag["losses"]
 
     _stage("translate_apply")(params=str(params), variant="attention", data=tiny_splits["target_test"],
                               models_dir=tmp_path / "models", out_dir=tmp_path / "translated")

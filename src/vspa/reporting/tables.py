@@ -9,6 +9,7 @@ A row whose metrics file does not exist yet is kept and marked missing.
 from __future__ import annotations
 
 import json
+import re
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,17 @@ class Row:
 def default_rows(names: Sequence[str], metrics_dir: str | os.PathLike = "reports/metrics") -> list[Row]:
     """Rows for the given names: ``<metrics_dir>/<name>.json``, description from ``ROW_DESCRIPTIONS``
     (the name itself when it has none)."""
-    return [Row(n, Path(metrics_dir) / f"{n}.json", ROW_DESCRIPTIONS.get(n, n)) for n in names]
+    return [Row(n, Path(metrics_dir) / f"{n}.json", describe(n)) for n in names]
+
+
+def describe(name: str) -> str:
+    """The row's description; ``<row>_s<N>`` (one seed of a row run over seeds) is ``<description> (seed N)``."""
+    if name in ROW_DESCRIPTIONS:
+        return ROW_DESCRIPTIONS[name]
+    match = re.fullmatch(r"(.+)_s(\d+)", name)
+    if match and match[1] in ROW_DESCRIPTIONS:
+        return f"{ROW_DESCRIPTIONS[match[1]]} (seed {match[2]})"
+    return name
 
 
 def _read_metrics(path: Path) -> dict:

@@ -6,5 +6,7 @@ learning (spec: local-global-i2i.md). The source detector, frozen, runs on the t
 - ``losses``: ``GANLoss`` (lsgan | bce), ``PatchNCELoss``;
 - ``local_global``: ``LocalGlobalLoss`` (L_GA: heads, momentum copy, queues);
 - ``trainer``: ``TranslateConfig``, ``train_translator``; ``apply``: ``load_translator``, ``translate_split``;
-- ``grid``: ``save_translation_grid`` (input | translated | attention masks).
+- ``grid``: ``save_translation_grid`` (input | translated | content maps, and the masks);
+- ``diagnostics``: mask entropy, background mask on / off the objects, L_GA's view separation, gradient norms
+  (``reports/translate/<variant>_diagnostics.json``).
 """

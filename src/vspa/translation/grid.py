@@ -1,4 +1,13 @@
-"""An image grid for inspection: per row, the input, its translation and (attention) the n + 1 masks."""
+"""An image grid for inspection.
+
+Per image, without attention: one row, input | translated. With attention, two rows whose tiles line up:
+
+- input | translated | content maps ``C_1 .. C_n``;
+- background mask ``A_{n+1}`` | the winning mask per pixel (colour per mask, background black) | masks
+  ``A_1 .. A_n`` (mask ``A_t`` under its content map ``C_t``).
+
+Masks are drawn in gray from 0 (black) to 1 (white).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,20 @@ from vspa.translation.generator import Translator
 from vspa.utils import atomic_path
 
 SEPARATOR = 2  # pixels of white between tiles
+
+
+def palette(n: int) -> torch.Tensor:
+    """``[n + 1, 3]`` uint8 colours: ``n`` evenly spaced hues for the foreground masks, black for the background."""
+    import colorsys
+
+    colours = [colorsys.hsv_to_rgb(t / max(n, 1), 0.9, 1.0) for t in range(n)] + [(0.0, 0.0, 0.0)]
+    return (torch.tensor(colours) * 255).round().to(torch.uint8)
+
+
+def winner_map(masks: torch.Tensor) -> np.ndarray:
+    """``[n + 1, H, W]`` masks -> ``[H, W, 3]`` uint8: the colour of the largest mask at each pixel."""
+    colours = palette(masks.shape[0] - 1)
+    return colours[masks.detach().float().cpu().argmax(dim=0)].numpy()
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -34,7 +57,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = 4) -> torch.Tensor:
 
 @torch.no_grad()
 def translation_rows(generator: Translator, images: Sequence[torch.Tensor], device="cpu") -> list[list[np.ndarray]]:
-    """Per image ``[3, H, W]`` in [-1, 1]: the tiles input, translated, then mask 1..n and the background mask."""
+    """The grid's rows for images ``[3, H, W]`` in [-1, 1] (see the module doc): one row per image without
+    attention, two with."""
     was_training = generator.training
     generator.eval()
     rows = []
@@ -42,10 +66,11 @@ def translation_rows(generator: Translator, images: Sequence[torch.Tensor], devi
         for image in images:
             h, w = image.shape[-2:]
             out = generator.translate(pad_to_multiple(image[None].to(device)))
-            row = [to_uint8(image), to_uint8(out.image[0, :, :h, :w])]
+            rows.append([to_uint8(image), to_uint8(out.image[0, :, :h, :w])]
+                        + ([] if out.content is None else [to_uint8(c[:, :h, :w]) for c in out.content[0]]))
             if out.masks is not None:
-                row += [to_uint8(m[:h, :w]) for m in out.masks[0]]
-            rows.append(row)
+                masks = out.masks[0, :, :h, :w]
+                rows.append([to_uint8(masks[-1]), winner_map(masks)] + [to_uint8(m) for m in masks[:-1]])
     finally:
         generator.train(was_training)
     return rows

@@ -11,6 +11,22 @@ queues of momentum keys as negatives (MoCo):
     L_GA = sum_i w_i [ NCE(g1_i, g2_i; Q^g_i) + NCE(l1_i, g2_i; Q^g_i) + NCE(l1_i, l2_i; Q^l_i) ]
 
 (global-global, local-global, local-local). The loss reaches E and G_A (and the heads), never G_C.
+
+Standardised features (issue 17). The supervised layers follow instance norm (and ReLU): their spatial means
+are nearly the same for every image (they differ by 3-7 % between images), so the embeddings of all views
+point the same way and InfoNCE cannot tell a view of the same image from one of another: L_GA stayed flat.
+Each layer's pooled features (whole views and patches apart) are therefore standardised per channel by
+running statistics (:class:`RunningStandardize`: the mean and second moment over the recent training batches,
+as batch norm in evaluation mode, updated from both branches' detached features), so the heads see what
+differs between images. The heads (Xavier gain 1, not CUT's 0.02) and the L2 normalisation then make the
+InfoNCE logits cosine similarities. The momentum branch uses the same statistics.
+
+Primed queues (:meth:`LocalGlobalLoss.prime`). MoCo's queues start as random unit vectors: easy negatives, so
+over the first ``queue_size`` steps the loss starts low and rises while real keys replace them, hiding any
+learning in short runs. The trainer fills the queues (and the statistics) with real keys before the first
+step. (With batch size 1 the queue spans ``queue_size`` steps; keys much older than the momentum copy's
+horizon ``1 / (1 - momentum)`` become stale, i.e. separable from fresh keys whatever the image; the default
+queue 256 with momentum 0.99 stays near that limit.)
 """
 
 from __future__ import annotations
@@ -98,6 +114,36 @@ def branch_features(encoder: Encoder, attention: AttentionDecoder, x: torch.Tens
 # --------------------------------------------------------------------------- heads and loss
 
 
+STATS_MOMENTUM = 0.01  # running statistics: cumulative average over the first 100 updates, then an EMA
+
+
+class RunningStandardize(nn.Module):
+    """Per-channel standardisation ``(f - mean) / sqrt(var + eps)`` of pooled features ``[N, C]`` by running
+    statistics (detached: the gradient reaches ``f`` only). :meth:`update` folds a batch into the mean and the
+    second moment at rate ``max(1 / updates, momentum)``, so the variance is the spread over the recent
+    batches (images), not only within one batch (with batch size 1, one image)."""
+
+    def __init__(self, channels: int, momentum: float = STATS_MOMENTUM, eps: float = 1e-5):
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("sq_mean", torch.ones(channels))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, f: torch.Tensor) -> None:
+        f = f.detach().float()
+        self.updates += 1
+        rate = max(1.0 / float(self.updates), self.momentum)
+        self.mean.lerp_(f.mean(dim=0), rate)
+        self.sq_mean.lerp_(f.pow(2).mean(dim=0), rate)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        var = (self.sq_mean - self.mean.pow(2)).clamp_min(0.0)
+        return (f - self.mean) / torch.sqrt(var + self.eps)
+
+
 def _mlp(c_in: int, hidden: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 
@@ -110,13 +156,13 @@ class LocalGlobalHeads(nn.Module):
         self.grid = grid
         self.global_heads = nn.ModuleList(_mlp(c, hidden, dim) for c in channels)
         self.local_heads = nn.ModuleList(_mlp(grid * grid * c, hidden, dim) for c in channels)
-        init_weights(self)
+        init_weights(self, gain=1.0)
 
-    def forward(self, encoder: Encoder, attention: AttentionDecoder, view: torch.Tensor):
-        """L2-normalised global and local embeddings of ``view`` at each layer: two lists of ``[B, dim]``."""
-        b = view.shape[0]
-        whole = branch_features(encoder, attention, view)
-        parts = branch_features(encoder, attention, grid_patches(view, self.grid))
+    def forward(self, whole: Sequence[torch.Tensor], parts: Sequence[torch.Tensor]):
+        """L2-normalised global and local embeddings: two lists of ``[B, dim]``, from the (standardised) pooled
+        features of the views (``[B, C_i]``) and of their patches (``[B * grid^2, C_i]``, one image's
+        consecutive)."""
+        b = whole[0].shape[0]
         g = [F.normalize(head(f), dim=1) for head, f in zip(self.global_heads, whole)]
         l = [F.normalize(head(f.reshape(b, -1)), dim=1) for head, f in zip(self.local_heads, parts)]
         return g, l
@@ -131,8 +177,9 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) 
 
 
 class LocalGlobalLoss(nn.Module):
-    """``L_GA`` for a translator with attention. Holds the heads, the momentum copy and the queues; the
-    online E and G_A stay in the translator and are passed to ``forward`` / ``momentum_update``."""
+    """``L_GA`` for a translator with attention. Holds the heads, the momentum copy, the running feature
+    statistics and the queues; the online E and G_A stay in the translator and are passed to ``forward`` /
+    ``momentum_update``."""
 
     def __init__(self, generator: Translator, grid: int = 4, hidden: int = 256, dim: int = 128,
                  queue_size: int = 4096, momentum: float = 0.999, tau: float = 0.2,
@@ -147,9 +194,12 @@ class LocalGlobalLoss(nn.Module):
         channels = [generator.encoder.out_channels, *generator.attention.feature_channels]
         if len(weights) != len(channels):
             raise VspaError(f"local-global loss: {len(weights)} layer weights for {len(channels)} layers.")
+        self.grid = grid
         self.weights = list(weights)
         self.momentum = momentum
         self.tau = tau
+        self.whole_stats = nn.ModuleList(RunningStandardize(c) for c in channels)
+        self.patch_stats = nn.ModuleList(RunningStandardize(c) for c in channels)
         self.heads = LocalGlobalHeads(channels, grid, hidden, dim)
         self.momentum_encoder = copy.deepcopy(generator.encoder).requires_grad_(False)
         self.momentum_attention = copy.deepcopy(generator.attention).requires_grad_(False)
@@ -181,17 +231,67 @@ class LocalGlobalLoss(nn.Module):
             self.queue_local[i, idx] = kl
         self.queue_ptr.copy_((self.queue_ptr + b) % size)
 
+    def pooled(self, encoder: Encoder, attention: AttentionDecoder, view: torch.Tensor):
+        """Pooled features of ``view`` ``[B, 3, H, W]`` and of its grid patches at the 4 layers (unstandardised)."""
+        return branch_features(encoder, attention, view), branch_features(encoder, attention,
+                                                                         grid_patches(view, self.grid))
+
+    def standardise(self, whole: Sequence[torch.Tensor], parts: Sequence[torch.Tensor]):
+        return ([s(f) for s, f in zip(self.whole_stats, whole)], [s(f) for s, f in zip(self.patch_stats, parts)])
+
+    def embed(self, generator: Translator, view: torch.Tensor, momentum: bool = False):
+        """Global and local embeddings of ``view`` (online branch, or the momentum copy with ``momentum``) with
+        the current statistics, which it leaves unchanged: for diagnostics and tests."""
+        if momentum:
+            with torch.no_grad():
+                return self.momentum_heads(*self.standardise(*self.pooled(self.momentum_encoder,
+                                                                          self.momentum_attention, view)))
+        return self.heads(*self.standardise(*self.pooled(generator.encoder, generator.attention, view)))
+
+    @torch.no_grad()
+    def prime(self, generator: Translator, batches, generator_rng: torch.Generator | None = None) -> int:
+        """Before the first step: fill the queues with momentum keys of real views, and the running statistics
+        with both views' features, from ``batches`` (an iterable of target batches in [-1, 1]); stops when the
+        queue is full. Without it the first ``queue_size`` steps contrast against random unit vectors (easy
+        negatives: the loss starts low and rises while they are replaced) and standardise by the statistics
+        of a single image. Returns the number of keys queued."""
+        size, queued, keys = self.queue_global.shape[1], 0, []
+        for x in batches:
+            if queued >= size:
+                break
+            v1, v2 = two_views(x, generator_rng)
+            feats = [self.pooled(self.momentum_encoder, self.momentum_attention, v) for v in (v1, v2)]
+            for i, stats in enumerate(self.whole_stats):
+                stats.update(torch.cat([f[0][i] for f in feats]))
+            for i, stats in enumerate(self.patch_stats):
+                stats.update(torch.cat([f[1][i] for f in feats]))
+            keys.append(feats[1])
+            queued += x.shape[0]
+        for whole, parts in keys:  # the keys with the statistics of all the batches
+            self._enqueue(*self.momentum_heads(*self.standardise(whole, parts)))
+        return min(queued, size)
+
     def forward(self, generator: Translator, x: torch.Tensor, generator_rng: torch.Generator | None = None):
         """``(L_GA, {"gg", "lg", "ll"} weighted terms)`` for target images ``x`` in [-1, 1].
 
         As in MoCo, the momentum copy is updated before the keys are computed, and the keys are queued after
-        the loss: call once per training step.
+        the loss: call once per training step. In training mode the running statistics take in this batch's
+        features (both branches) before they standardise them. The views' random draws come from
+        ``generator_rng`` (the trainer passes a per-iteration generator; ``None``: the global RNG).
         """
         v1, v2 = two_views(x, generator_rng)
         self.momentum_update(generator)
         with torch.no_grad():
-            kg, kl = self.momentum_heads(self.momentum_encoder, self.momentum_attention, v2)
-        qg, ql = self.heads(generator.encoder, generator.attention, v1)
+            whole_k, parts_k = self.pooled(self.momentum_encoder, self.momentum_attention, v2)
+        whole_q, parts_q = self.pooled(generator.encoder, generator.attention, v1)
+        if self.training:
+            for stats, fq, fk in zip(self.whole_stats, whole_q, whole_k):
+                stats.update(torch.cat([fq, fk]))
+            for stats, fq, fk in zip(self.patch_stats, parts_q, parts_k):
+                stats.update(torch.cat([fq, fk]))
+        with torch.no_grad():
+            kg, kl = self.momentum_heads(*self.standardise(whole_k, parts_k))
+        qg, ql = self.heads(*self.standardise(whole_q, parts_q))
         terms = {"gg": 0.0, "lg": 0.0, "ll": 0.0}
         for i, w in enumerate(self.weights):
             terms["gg"] = terms["gg"] + w * info_nce(qg[i], kg[i], self.queue_global[i].clone(), self.tau)

@@ -4,12 +4,28 @@ One iteration (as CUT, with ``G`` run on target and source images together for t
 
 1. ``D`` step: ``0.5 [gan(D(G(a)), fake) + gan(D(b), real)]`` for target ``a`` and source ``b``;
 2. ``G`` step: ``lambda_gan gan(D(G(a)), real) + lambda_nce 0.5 [NCE(a, G(a)) + NCE(b, G(b))]``
-   ``+ lambda_ga L_GA(a)`` (variant ``attention_lg`` only).
+   ``+ w_ga(it) L_GA(a)`` (variant ``attention_lg`` only), ``w_ga`` rising linearly from 0 to ``lambda_ga``
+   over the first ``ga_warmup`` iterations (:func:`ga_weight`).
+
+Paired runs (issue 17). Every random draw comes from a stream seeded by ``derive_seed(seed, ..., stream)``
+(:mod:`vspa.training.seeds`; a stream id per purpose, last): the initialisation of each model part
+(``seed, k, _INIT``), the order of the images (``global_batch``: an epoch permutation per domain), each crop
+and flip (``seed, iteration, position, _*_CROP``), the local-global views (``seed, iteration, _VIEWS``) and the
+global RNG that PatchNCE samples its locations from (reseeded each iteration, ``seed, iteration, _SAMPLER``). So the
+variants cut / attention / attention_lg of one seed see the same crops at every iteration (:func:`training_batch`)
+and start from the same encoder and discriminator, and what an iteration draws does not depend on what the
+iterations before it drew (resuming needs no RNG state).
+
+Before the first step of ``attention_lg``, L_GA's queues and feature statistics are filled from
+``queue_size`` target crops (:func:`prime_local_global`).
 
 Adam with betas (0.5, 0.99); the learning rate is constant for the first half of the iterations and decays
 linearly to zero over the second half (CUT's 200 + 200 epochs). Training resumes from an atomically written
-state file (models, optimisers, scheduler, queues, RNG state, loss history) when its fingerprint (config and
-data) matches; a different fingerprint starts afresh.
+state file (models, optimisers, scheduler, queues, feature statistics, loss history) when its fingerprint
+(config, data and the package's code) matches; anything else starts afresh (:mod:`vspa.training.state`).
+The run ends with the diagnostics of :mod:`vspa.translation.diagnostics` (mask entropy, background mask on
+and off the objects, L_GA's view separation, gradient norms at initialisation) and the loss summary, written
+as a small JSON (dvc metrics).
 
 Default sizes train on a CPU in minutes; the paper's sizes for GPU nodes: ngf 64, n_blocks 9, n_content 9,
 ndf 64, crop 256x512 or larger, batch_size 1, lr 1e-5 (2e-4 for short runs), queue_size 4096, momentum 0.999.
@@ -22,7 +38,7 @@ import io
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +47,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from vspa.config import check_choice, check_device, check_number, parse_section
+from vspa.training.seeds import derive_seed, global_batch
+from vspa.training.state import code_digest, load_state, save_state
 from vspa.translation.discriminator import PatchDiscriminator
 from vspa.translation.generator import Translator, TranslatorConfig, default_nce_layers
 from vspa.translation.losses import GAN_MODES, GANLoss, PatchNCELoss
@@ -39,87 +58,94 @@ from vspa.utils import (
     VspaError,
     atomic_path,
     get_device,
-    rng_state,
     save_torch_atomic,
     seed_everything,
-    set_rng_state,
     sha256_file,
     sha256_json,
+    write_json_atomic,
 )
 
 VARIANTS = {"cut": (False, False), "attention": (True, False), "attention_lg": (True, True)}  # (attention, L_GA)
+DEFAULT_VARIANT = "attention_lg"  # the variant when neither --variant nor translate.variant names one
 ADAM_BETAS = (0.5, 0.99)
-STATE_FORMAT = "vspa-translator-state/1"
+STATE_FORMAT = "vspa-translator-state/2"  # 2: seeded streams, no RNG state; L_GA feature statistics
 MODEL_FORMAT = "vspa-translator/1"
 LG_GRID = 4
 PROGRESS_KEYS = ("loss_D", "loss_G_GAN", "loss_NCE", "loss_GA")
 
+# Streams of random numbers: derive_seed(seed, ..., stream), the stream id last (vspa.training.seeds).
+_INIT, _TGT_ORDER, _SRC_ORDER, _TGT_CROP, _SRC_CROP, _VIEWS, _SAMPLER, _DIAG, _PRIME = range(9)
+
+
+def stream(*numbers: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``derive_seed(*numbers)``."""
+    return torch.Generator().manual_seed(derive_seed(*numbers))
+
 
 @dataclass(frozen=True)
 class TranslateConfig:
-    """The ``translate:`` params section (every key optional; these are the defaults)."""
+    """The ``translate:`` params section, parsed by :meth:`from_params` (:func:`vspa.config.parse_section`).
 
-    variant: str = "attention_lg"
-    iterations: int = 1000
-    batch_size: int = 1
-    lr: float = 2e-4
-    crop_height: int | None = 64  # None: the full image
-    crop_width: int | None = 128
-    ngf: int = 16
-    n_blocks: int = 2
-    n_content: int = 9
-    ndf: int = 32
-    gan_mode: str = "lsgan"
-    lambda_gan: float = 1.0
-    lambda_nce: float = 1.0
-    lambda_ga: float = 1.0
-    num_patches: int = 256
-    nce_tau: float = 0.07
-    queue_size: int = 256
-    momentum: float = 0.99
-    ga_tau: float = 0.2
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 200
+    Every key but ``variant`` is required: the values are stated once, in conf/config.yaml (composed into
+    params.yaml). ``variant`` is not in params.yaml: dvc.yaml's foreach passes it (``--variant``).
+    """
+
+    iterations: int
+    batch_size: int
+    lr: float
+    crop_height: int | None  # null (with crop_width null): whole images
+    crop_width: int | None
+    ngf: int
+    n_blocks: int
+    n_content: int
+    ndf: int
+    gan_mode: str  # lsgan | bce
+    lambda_gan: float
+    lambda_nce: float
+    lambda_ga: float  # weight of L_GA after the warm-up
+    ga_warmup: int  # L_GA's weight rises linearly from 0 to lambda_ga over these iterations (0: from the start)
+    num_patches: int
+    nce_tau: float
+    queue_size: int
+    momentum: float
+    ga_tau: float
+    seed: int
+    device: str
+    checkpoint_every: int
+    variant: str = DEFAULT_VARIANT  # cut | attention | attention_lg
 
     @classmethod
-    def from_section(cls, section: dict, path: str = "params.yaml") -> "TranslateConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise VspaError(f"{path}: unknown key(s) translate.{', translate.'.join(unknown)}. "
-                            f"Known keys: {', '.join(sorted(known))}.")
-        values = {k: v for k, v in section.items() if v is not None or k in ("crop_height", "crop_width")}
-        try:
-            cfg = cls(**values)
-        except TypeError as exc:
-            raise VspaError(f"{path}: translate section: {exc}.") from exc
-        cfg.validate(path)
-        return cfg
+    def from_params(cls, section: dict | None, name: str = "translate", path: str = "params.yaml") -> "TranslateConfig":
+        """The params section (e.g. ``stage_config(...)["translate"]``): unknown keys, missing values, wrong types
+        and bad values are VspaErrors naming ``path`` and the key."""
+        return parse_section(cls, section, name, path)
 
-    def validate(self, path: str = "params.yaml") -> None:
-        if self.variant not in VARIANTS:
-            raise VspaError(f"{path}: translate.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}.")
-        if self.gan_mode not in GAN_MODES:
-            raise VspaError(f"{path}: translate.gan_mode must be one of {', '.join(GAN_MODES)}, got {self.gan_mode!r}.")
-        for key in ("iterations", "batch_size", "ngf", "n_blocks", "n_content", "ndf", "num_patches",
-                    "queue_size", "checkpoint_every"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise VspaError(f"{path}: translate.{key} must be a positive integer, got {value!r}.")
-        for key in ("lr", "nce_tau", "ga_tau"):
-            if not float(getattr(self, key)) > 0:
-                raise VspaError(f"{path}: translate.{key} must be positive, got {getattr(self, key)!r}.")
-        if not 0.0 <= float(self.momentum) < 1.0:
-            raise VspaError(f"{path}: translate.momentum must be in [0, 1), got {self.momentum!r}.")
+    def validate(self, name: str = "translate", path: str = "params.yaml") -> None:
+        check_choice(self.variant, tuple(VARIANTS), f"{name}.variant", path)
+        check_choice(self.gan_mode, GAN_MODES, f"{name}.gan_mode", path)
+        checks = [  # (ok, key, requirement)
+            *[(getattr(self, key) >= 1, key, "a positive integer") for key in (
+                "iterations", "batch_size", "ngf", "n_blocks", "n_content", "ndf", "num_patches", "queue_size",
+                "checkpoint_every")],
+            *[(getattr(self, key) > 0 and math.isfinite(getattr(self, key)), key, "a positive number")
+              for key in ("lr", "nce_tau", "ga_tau")],
+            *[(getattr(self, key) >= 0 and math.isfinite(getattr(self, key)), key, ">= 0")
+              for key in ("lambda_gan", "lambda_nce", "lambda_ga")],
+            (self.ga_warmup >= 0, "ga_warmup", ">= 0"),
+            (0.0 <= self.momentum < 1.0, "momentum", "in [0, 1)"),
+            (self.seed >= 0, "seed", ">= 0"),
+        ]
+        for ok, key, requirement in checks:
+            check_number(ok, getattr(self, key), f"{name}.{key}", requirement, path)
+        check_device(self.device, f"{name}.device", path)
         if (self.crop_height is None) != (self.crop_width is None):
-            raise VspaError(f"{path}: set both translate.crop_height and translate.crop_width, or both to null.")
+            raise VspaError(f"{path}: set both {name}.crop_height and {name}.crop_width, or both to null.")
         if self.crop_height is not None:
             step = self.size_multiple
             for key in ("crop_height", "crop_width"):
                 value = getattr(self, key)
-                if not isinstance(value, int) or value < step or value % step:
-                    raise VspaError(f"{path}: translate.{key} must be a positive multiple of {step} "
+                if value < step or value % step:
+                    raise VspaError(f"{path}: {name}.{key} must be a positive multiple of {step} "
                                     f"(variant {self.variant}), got {value!r}.")
 
     @property
@@ -169,7 +195,10 @@ def read_image(path: Path) -> torch.Tensor:
 
 
 class UnpairedImages:
-    """Random batches of random crops (and horizontal flips) of one domain's images, from the global RNG."""
+    """Batches of random crops (and horizontal flips) of one domain's images, a function of
+    ``(seed, iteration)``: images in the order of a permutation drawn afresh per epoch (``global_batch`` seeded
+    by ``derive_seed(seed, order_stream)``), crop and flip of batch position ``p`` from
+    ``derive_seed(seed, iteration, p, crop_stream)``."""
 
     def __init__(self, split_dir: str | os.PathLike, crop: tuple[int, int] | None, multiple: int):
         self.split_dir = Path(split_dir)
@@ -180,7 +209,7 @@ class UnpairedImages:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _crop(self, image: torch.Tensor, path: Path) -> torch.Tensor:
+    def _crop(self, image: torch.Tensor, path: Path, generator: torch.Generator) -> torch.Tensor:
         _, h, w = image.shape
         if self.crop is None:
             if h % self.multiple or w % self.multiple:
@@ -191,19 +220,52 @@ class UnpairedImages:
         if h < ch or w < cw:
             raise VspaError(f"{path}: image {h}x{w} is smaller than the crop {ch}x{cw}; lower "
                             f"translate.crop_height / crop_width.")
-        top = int(torch.randint(0, h - ch + 1, ()))
-        left = int(torch.randint(0, w - cw + 1, ()))
+        top = int(torch.randint(0, h - ch + 1, (), generator=generator))
+        left = int(torch.randint(0, w - cw + 1, (), generator=generator))
         return image[:, top : top + ch, left : left + cw]
 
-    def sample(self, batch_size: int) -> torch.Tensor:
+    def indices(self, batch_size: int, seed: int, iteration: int, order_stream: int) -> list[int]:
+        """The image indices of ``iteration``'s batch (every image once per epoch; a batch may straddle two)."""
+        return global_batch(len(self.paths), batch_size, derive_seed(seed, order_stream), iteration)
+
+    def sample(self, batch_size: int, seed: int, iteration: int, order_stream: int, crop_stream: int) -> torch.Tensor:
         crops = []
-        for i in torch.randint(0, len(self.paths), (batch_size,)).tolist():
-            crop = self._crop(read_image(self.paths[i]), self.paths[i])
-            crops.append(crop.flip(-1) if torch.rand(()).item() < 0.5 else crop)
+        for position, i in enumerate(self.indices(batch_size, seed, iteration, order_stream)):
+            g = stream(seed, iteration, position, crop_stream)
+            crop = self._crop(read_image(self.paths[i]), self.paths[i], g)
+            crops.append(crop.flip(-1) if torch.rand((), generator=g).item() < 0.5 else crop)
         if len({tuple(c.shape) for c in crops}) > 1:
             raise VspaError(f"{self.split_dir}: images of different sizes in one batch; set "
                             f"translate.crop_height / crop_width (or batch_size: 1).")
         return torch.stack(crops)
+
+
+def training_batch(targets: UnpairedImages, sources: UnpairedImages, cfg: TranslateConfig,
+                   iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target and source batches of 0-based ``iteration``: a function of ``(cfg.seed, iteration)`` alone,
+    the same for every variant."""
+    return (targets.sample(cfg.batch_size, cfg.seed, iteration, _TGT_ORDER, _TGT_CROP),
+            sources.sample(cfg.batch_size, cfg.seed, iteration, _SRC_ORDER, _SRC_CROP))
+
+
+def views_generator(cfg: TranslateConfig, iteration: int) -> torch.Generator:
+    """The generator of ``iteration``'s local-global views."""
+    return stream(cfg.seed, iteration, _VIEWS)
+
+
+def prime_local_global(models: "TranslationModels", targets: UnpairedImages, cfg: TranslateConfig, device) -> int:
+    """Fill L_GA's queues and feature statistics from ``queue_size`` target crops (their own streams, id
+    ``_PRIME``) before the first step (:meth:`LocalGlobalLoss.prime`)."""
+    n_batches = -(-cfg.queue_size // cfg.batch_size)
+    batches = (targets.sample(cfg.batch_size, cfg.seed, k, _PRIME, _PRIME).to(device) for k in range(n_batches))
+    return models.local_global.prime(models.generator, batches, stream(cfg.seed, _PRIME))
+
+
+def ga_weight(cfg: TranslateConfig, iteration: int) -> float:
+    """L_GA's weight at 0-based ``iteration``: ``lambda_ga * min(1, iteration / ga_warmup)``."""
+    if cfg.ga_warmup <= 0:
+        return cfg.lambda_ga
+    return cfg.lambda_ga * min(1.0, iteration / cfg.ga_warmup)
 
 
 # --------------------------------------------------------------------------- models and one step
@@ -213,10 +275,16 @@ class TranslationModels(torch.nn.Module):
     """Everything that trains: G, D, the PatchNCE MLPs and (attention_lg) the local-global loss state."""
 
     def __init__(self, cfg: TranslateConfig):
+        """Each part is initialised from its own stream ``(seed, k, _INIT)``: every variant of one seed starts with
+        the same encoder, discriminator and PatchNCE heads."""
         super().__init__()
+        torch.manual_seed(derive_seed(cfg.seed, 0, _INIT))
         self.generator = Translator(cfg.translator_config())
+        torch.manual_seed(derive_seed(cfg.seed, 1, _INIT))
         self.discriminator = PatchDiscriminator(cfg.ndf)
+        torch.manual_seed(derive_seed(cfg.seed, 2, _INIT))
         self.nce = PatchNCELoss(self.generator.encoder, default_nce_layers(cfg.n_blocks), cfg.num_patches, tau=cfg.nce_tau)
+        torch.manual_seed(derive_seed(cfg.seed, 3, _INIT))
         self.local_global = (
             LocalGlobalLoss(self.generator, grid=LG_GRID, queue_size=cfg.queue_size, momentum=cfg.momentum, tau=cfg.ga_tau)
             if cfg.local_global else None
@@ -236,8 +304,10 @@ def lr_factor(step: int, iterations: int) -> float:
 
 
 def train_step(models: TranslationModels, gan: GANLoss, opt_g, opt_d, real_a: torch.Tensor, real_b: torch.Tensor,
-               cfg: TranslateConfig) -> dict[str, float]:
-    """One D step and one G step; returns the losses of this iteration."""
+               cfg: TranslateConfig, ga_weight: float | None = None,
+               views_rng: torch.Generator | None = None) -> dict[str, float]:
+    """One D step and one G step; returns the losses of this iteration. ``ga_weight``: L_GA's weight (default
+    ``cfg.lambda_ga``); ``views_rng``: the generator of the local-global views (default: the global RNG)."""
     g, d = models.generator, models.discriminator
     n = real_a.shape[0]
     fake = g(torch.cat([real_a, real_b]))
@@ -258,9 +328,10 @@ def train_step(models: TranslationModels, gan: GANLoss, opt_g, opt_d, real_a: to
     out = {"loss_D": loss_d.item(), "loss_G_GAN": loss_gan.item(), "loss_NCE": loss_nce.item(),
            "loss_NCE_Y": loss_nce_y.item()}
     if models.local_global is not None:
-        loss_ga, terms = models.local_global(g, real_a)
-        total = total + cfg.lambda_ga * loss_ga
-        out.update({"loss_GA": loss_ga.item(), **{f"loss_GA_{k}": v for k, v in terms.items()}})
+        weight = cfg.lambda_ga if ga_weight is None else ga_weight
+        loss_ga, terms = models.local_global(g, real_a, views_rng)
+        total = total + weight * loss_ga
+        out.update({"loss_GA": loss_ga.item(), **{f"loss_GA_{k}": v for k, v in terms.items()}, "w_GA": weight})
     total.backward()
     opt_g.step()
     return out
@@ -270,10 +341,11 @@ def train_step(models: TranslationModels, gan: GANLoss, opt_g, opt_d, real_a: to
 
 
 def fingerprint(cfg: TranslateConfig, target_dir: Path, source_dir: Path) -> str:
-    """Identifies a run: the config (except device and checkpoint_every) and both splits' annotations."""
+    """Identifies a run: the config (except device and checkpoint_every), both splits' annotations and the
+    package's code (``code_digest``: a state written by other code is not resumed)."""
     relevant = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "checkpoint_every")}
     data = [sha256_file(Path(d) / "annotations.json") for d in (target_dir, source_dir)]
-    return sha256_json({"config": relevant, "data": data, "format": STATE_FORMAT})
+    return sha256_json({"config": relevant, "data": data, "format": STATE_FORMAT, "code": code_digest()})
 
 
 def write_losses_csv(path: str | os.PathLike, history: list[dict]) -> None:
@@ -288,12 +360,12 @@ def write_losses_csv(path: str | os.PathLike, history: list[dict]) -> None:
         tmp.write_text(buf.getvalue())
 
 
-def _save_state(path, models, opt_g, opt_d, sched_g, sched_d, iteration, history, fp) -> None:
-    save_torch_atomic({
-        "format": STATE_FORMAT, "fingerprint": fp, "iteration": iteration, "models": models.state_dict(),
-        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(),
-        "sched_d": sched_d.state_dict(), "history": history, "rng": rng_state(),
-    }, path)
+def _save_state(path, models, opt_g, opt_d, sched_g, sched_d, iteration, history, fp, init_diag) -> None:
+    save_state(path, STATE_FORMAT, fp, iteration, {
+        "models": models.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+        "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(), "history": history,
+        "init_diagnostics": init_diag,
+    })
 
 
 def save_model(path: str | os.PathLike, generator: Translator, cfg: TranslateConfig, iterations: int) -> None:
@@ -308,12 +380,14 @@ def save_model(path: str | os.PathLike, generator: Translator, cfg: TranslateCon
 def train_translator(cfg: TranslateConfig, target_dir: str | os.PathLike, source_dir: str | os.PathLike,
                      model_path: str | os.PathLike, state_path: str | os.PathLike,
                      losses_csv: str | os.PathLike, grid_png: str | os.PathLike | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     diagnostics_json: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
     """Train G on unpaired target (``target_dir``) and source (``source_dir``) images; write the model,
-    the loss CSV and (optionally) the grid PNG. Resumes from ``state_path`` when it matches this run.
+    the loss CSV and (optionally) the grid PNG and the diagnostics JSON. Resumes from ``state_path`` when it
+    matches this run.
 
-    Returns ``{"iterations", "resumed_from", "seconds_per_iteration", "final_losses"}``.
+    Returns ``{"iterations", "resumed_from", "seconds_per_iteration", "final_losses", "diagnostics"}``.
     """
+    from vspa.translation.diagnostics import DiagnosticImages, gradient_norms, run_diagnostics
     from vspa.translation.grid import save_translation_grid
 
     target_dir, source_dir, state_path = Path(target_dir), Path(source_dir), Path(state_path)
@@ -321,6 +395,7 @@ def train_translator(cfg: TranslateConfig, target_dir: str | os.PathLike, source
     crop = None if cfg.crop_height is None else (cfg.crop_height, cfg.crop_width)
     targets = UnpairedImages(target_dir, crop, cfg.size_multiple)
     sources = UnpairedImages(source_dir, crop, cfg.size_multiple)
+    diag_images = DiagnosticImages(target_dir, crop, cfg.size_multiple)
     fp = fingerprint(cfg, target_dir, source_dir)
 
     seed_everything(cfg.seed)
@@ -331,24 +406,25 @@ def train_translator(cfg: TranslateConfig, target_dir: str | os.PathLike, source
     schedule = lambda step: lr_factor(step, cfg.iterations)  # noqa: E731
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, schedule)
-    start, history = 0, []
+    start, history, init_diag = 0, [], None
 
-    if state_path.is_file():
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # torch raises many types for a damaged file
-            raise VspaError(f"{state_path}: unreadable training state ({exc}). Delete it to train afresh.") from exc
-        if state.get("format") == STATE_FORMAT and state.get("fingerprint") == fp:
-            models.load_state_dict(state["models"])
-            opt_g.load_state_dict(state["opt_g"])
-            opt_d.load_state_dict(state["opt_d"])
-            sched_g.load_state_dict(state["sched_g"])
-            sched_d.load_state_dict(state["sched_d"])
-            start, history = int(state["iteration"]), list(state["history"])
-            set_rng_state(state["rng"])
-            tqdm.write(f"translate: resuming {cfg.variant} from iteration {start} ({state_path})")
-        else:
-            tqdm.write(f"translate: {state_path} belongs to another config or dataset; starting afresh")
+    state = load_state(state_path, STATE_FORMAT, fp, f"translate {cfg.variant}")
+    if state is not None:
+        models.load_state_dict(state["models"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        sched_g.load_state_dict(state["sched_g"])
+        sched_d.load_state_dict(state["sched_d"])
+        start, history, init_diag = int(state["iteration"]), list(state["history"]), state["init_diagnostics"]
+        tqdm.write(f"translate: resuming {cfg.variant} from iteration {start} ({state_path})")
+    if start == 0 and models.local_global is not None:
+        prime_local_global(models, targets, cfg, device)
+    if init_diag is None:  # the models as they start (L_GA primed), the first batch
+        first_a, first_b = (x.to(device) for x in training_batch(targets, sources, cfg, 0))
+        torch.manual_seed(derive_seed(cfg.seed, 0, _SAMPLER))
+        init_diag = {**run_diagnostics(models, diag_images, derive_seed(cfg.seed, _DIAG), device),
+                     **gradient_norms(models, first_a, first_b, cfg.lambda_nce, cfg.lambda_ga,
+                                      views_generator(cfg, 0))}
 
     models.train()
     resumed_from, step_times = start, []
@@ -356,9 +432,10 @@ def train_translator(cfg: TranslateConfig, target_dir: str | os.PathLike, source
                unit="it", disable=None if progress else True)
     for it in bar:
         t0 = time.perf_counter()
-        real_a = targets.sample(cfg.batch_size).to(device)
-        real_b = sources.sample(cfg.batch_size).to(device)
-        losses = train_step(models, gan, opt_g, opt_d, real_a, real_b, cfg)
+        real_a, real_b = (x.to(device) for x in training_batch(targets, sources, cfg, it))
+        torch.manual_seed(derive_seed(cfg.seed, it, _SAMPLER))  # PatchNCE's locations
+        losses = train_step(models, gan, opt_g, opt_d, real_a, real_b, cfg, ga_weight(cfg, it),
+                            views_generator(cfg, it))
         lr = opt_g.param_groups[0]["lr"]
         sched_g.step()
         sched_d.step()
@@ -369,16 +446,37 @@ def train_translator(cfg: TranslateConfig, target_dir: str | os.PathLike, source
         history.append({"iteration": it + 1, "lr": lr, **losses})
         bar.set_postfix({k[5:]: f"{losses[k]:.3f}" for k in PROGRESS_KEYS if k in losses})
         if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-            _save_state(state_path, models, opt_g, opt_d, sched_g, sched_d, it + 1, history, fp)
+            _save_state(state_path, models, opt_g, opt_d, sched_g, sched_d, it + 1, history, fp, init_diag)
             write_losses_csv(losses_csv, history)
-    _save_state(state_path, models, opt_g, opt_d, sched_g, sched_d, cfg.iterations, history, fp)
+    _save_state(state_path, models, opt_g, opt_d, sched_g, sched_d, cfg.iterations, history, fp, init_diag)
     write_losses_csv(losses_csv, history)
     save_model(model_path, models.generator, cfg, cfg.iterations)
     if grid_png is not None:
         save_translation_grid(models.generator, [read_image(p) for p in targets.paths[:4]], grid_png, device)
+    diagnostics = {
+        "variant": cfg.variant, "iterations": cfg.iterations, "images": len(diag_images),
+        "init": init_diag, "final": run_diagnostics(models, diag_images, derive_seed(cfg.seed, _DIAG), device),
+        "losses": loss_summary(history),
+    }
+    if diagnostics_json is not None:
+        write_json_atomic(diagnostics_json, diagnostics)
     return {
         "iterations": cfg.iterations,
         "resumed_from": resumed_from,
         "seconds_per_iteration": min(step_times) if step_times else None,
         "final_losses": history[-1] if history else {},
+        "diagnostics": diagnostics,
     }
+
+
+def loss_summary(history: list[dict], keys: tuple[str, ...] = ("loss_D", "loss_G_GAN", "loss_NCE", "loss_NCE_Y",
+                                                                    "loss_GA")) -> dict[str, dict[str, float]]:
+    """Per loss: its mean over the first and over the last 10 % of the iterations (at least one each)."""
+    n = max(1, len(history) // 10)
+    out = {}
+    for key in keys:
+        values = [row[key] for row in history if key in row]
+        if values:
+            out[key] = {"first_10pct": round(sum(values[:n]) / len(values[:n]), 4),
+                        "last_10pct": round(sum(values[-n:]) / len(values[-n:]), 4)}
+    return out
