@@ -26,6 +26,7 @@ augsim: $(STAMP)
 	$(BIN)/dvc repro augsim_report
 
 test: $(STAMP)
+	$(BIN)/ruff check src stages benchmarks tests
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)

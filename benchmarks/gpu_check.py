@@ -16,7 +16,6 @@ Output: ``<out>/gpu_check.json`` and ``gpu_check.md``. On a machine without CUDA
 from __future__ import annotations
 
 import csv
-import json
 import math
 import platform
 import sys

@@ -44,7 +44,7 @@ def main() -> None:
                    progress=False)
     source = F.normalize(torch.as_tensor(np.asarray(open_memory(ROOT / "models/memory/full.h5").bg_features)), dim=1)
     target = F.normalize(torch.as_tensor(np.asarray(open_memory(target_path).bg_features)), dim=1)
-    src_train, src_test = source[:-HELD_OUT], source[-HELD_OUT:]
+    src_train = source[:-HELD_OUT]  # the held-out source rows are not used by the probe
     tgt_train, tgt_test = target[:-HELD_OUT], target[-HELD_OUT:]
     cosine_of_means = float(F.cosine_similarity(source.mean(0), target.mean(0), dim=0))
 

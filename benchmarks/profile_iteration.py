@@ -16,7 +16,6 @@ Python-level phases is somewhat overstated); the absolute seconds are for rankin
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import pstats
