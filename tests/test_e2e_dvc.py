@@ -154,7 +154,8 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     assert changed_after("adapt_vspa", "lambda_fg", 0.1) == {"adapt@vspa"}
     assert changed_after("adapt_pairing_flip", "pairing_mode", "exact") == {"adapt_pairing@flip-0", "adapt_pairing@flip-1"}
     assert changed_after("augsim", "fog_beta", 0.05) == {"augsim"}
-    assert changed_after("translate", "lambda_ga", 0.5) == {f"translate_train@{v}" for v in ("cut", "attention", "attention_lg")}
+    assert changed_after("translate", "lambda_ga", 0.5) == {f"translate_train@{v}-{k}" for v in ("cut", "attention",
+                                                                                         "attention_lg") for k in (0, 1, 2)}
     changed = changed_after("evaluate", "iou", 0.6)
     assert changed and all(name.split("@")[0] in ("evaluate", "evaluate_augsim", "evaluate_augsim_source")
                            for name in changed), changed

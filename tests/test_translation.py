@@ -298,7 +298,7 @@ def test_translate_train_apply_evaluate_stages(tiny_splits, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"scenario": "synth_fog", "translate": STAGE_PARAMS,
                                       "evaluate": {"device": "cpu", "iou": 0.5, "batch_size": 2}}))
-    _stage("translate_train")(params=str(params), variant="attention", target=tiny_splits["target_train"],
+    _stage("translate_train")(params=str(params), variant="attention", seed=None, target=tiny_splits["target_train"],
                               source=tiny_splits["source_train"], out_dir=tmp_path / "models",
                               reports_dir=tmp_path / "reports")
     assert (tmp_path / "models/attention/model.pt").is_file()
