@@ -187,7 +187,11 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     training = {"pretrain", "oracle", "pretrain_augsim", *adapt_rows, *pairing}
     assert changed_after_edit("src/vspa/presets/synth_fog.yaml") == {"prepare", *training}
     assert training <= changed_after_edit("src/vspa/data/transforms.py")
-    assert changed_after_edit("src/vspa/training/precision.py") == training  # mixed precision: the training loops
+    translators = {f"translate_{step}@{v}-{k}" for step in ("train", "apply") for v in ("cut", "attention",
+                                                                                     "attention_lg") for k in (0, 1, 2)}
+    # vspa.training is the plumbing of every training loop, the translator's included (its apply stage loads
+    # the translator through it)
+    assert changed_after_edit("src/vspa/training/precision.py") == training | translators
 
 
 def readme_sweep_block() -> list[str]:
