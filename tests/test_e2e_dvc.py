@@ -189,8 +189,8 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     assert training <= changed_after_edit("src/vspa/data/transforms.py")
     translators = {f"translate_{step}@{v}-{k}" for step in ("train", "apply") for v in ("cut", "attention",
                                                                                      "attention_lg") for k in (0, 1, 2)}
-    # vspa.training is the plumbing of every training loop, the translator's included (its apply stage loads
-    # the translator through it)
+    # vspa.training is the plumbing of every training loop, the translator's included (both translator stages
+    # declare it: they import vspa.translation.trainer, which uses it)
     assert changed_after_edit("src/vspa/training/precision.py") == training | translators
 
 
