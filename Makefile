@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python ...` through the shell: the venv's interpreter must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: params repro augsim test test-slow bench bench-diversity bench-iteration real-scale gpu-check smoke-real readme clean-venv
+.PHONY: params repro augsim translate test test-slow bench bench-diversity bench-iteration real-scale gpu-check smoke-real readme clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ repro: $(STAMP)
 augsim: $(STAMP)
 	@test -d .dvc || $(BIN)/dvc init --quiet
 	$(BIN)/dvc repro augsim_report
+
+# The second system over translator seeds 0-2 (three variants): reports/translate/seeds.md and
+# reports/comparison_all.md. Not part of `repro` (about an hour on 2 cores, one thread per translator).
+translate: $(STAMP)
+	@test -d .dvc || $(BIN)/dvc init --quiet
+	$(BIN)/dvc repro report_all report_translate
 
 test: $(STAMP)
 	$(BIN)/ruff check src stages benchmarks tests
