@@ -62,3 +62,13 @@ def untrained_source_and_memory(source_json: Path, root: Path, model: dict, meth
     subset, _ = subsample_memory(open_memory(root / "full.h5"), method=method, fg_ratio=ratio, bg_ratio=ratio)
     write_memory(root / "memory.h5", subset)
     return {"model": root / "source.pt", "memory": root / "memory.h5"}
+
+
+@pytest.fixture
+def one_thread():
+    """Torch at one thread for the test (tiny models gain nothing from threads, and on a shared 2-core machine
+    OpenMP spinning costs 10x); the translator tests use it for every test (``pytestmark``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
