@@ -59,6 +59,27 @@ def parse_seeds(text: str) -> list[int]:
     return sorted(out)
 
 
+# the params sections a chain's stage scripts read (the translator's sections, for one, do not matter here)
+BENCH_SECTIONS = ("scenario", "data", "prepare", "model", "pretrain", "oracle", "evaluate", "extract_memory",
+                  "subsample", "adapt", *(f"adapt_{row}" for row in ADAPT_ROWS))
+
+
+def bench_view(params: dict) -> dict:
+    """Effective values of the sections a seed's runs depend on: two params files that agree here give the same
+    bench numbers."""
+    merged = effective_params(params)
+    return {k: merged.get(k) for k in BENCH_SECTIONS}
+
+
+def code_version() -> dict:
+    """The git commit the stage scripts run from, and whether the tree differs from it (recorded per seed)."""
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+    return {"commit": git("rev-parse", "HEAD") or "unknown",
+            "dirty": bool(git("status", "--porcelain", "--", "src", "stages", "benchmarks"))}
+
+
 class Chain:
     """One seed's runs; every command is a stage script in a child process pinned to ``threads`` threads."""
 
@@ -77,7 +98,7 @@ class Chain:
         # compared as effective values: a seed written before params.yaml was composed (nulls filled from the
         # scenario preset at run time) matches the composed file with the same values
         if (self.params.is_file() and self.params.read_text() != text and any(self.reports.glob("metrics*/*.json"))
-                and effective_params(yaml.safe_load(self.params.read_text())) != effective_params(base)):
+                and bench_view(yaml.safe_load(self.params.read_text())) != bench_view(base)):
             raise VspaError(f"{self.params}: seed {seed} was run with other params than {params} gives now; its "
                             f"results would be mixed with new ones. Move {self.reports} (and {self.models}) away, "
                             f"or restore those params.")
@@ -107,10 +128,11 @@ class Chain:
         results: dict[str, dict[str, dict]] = {}
         for split_key in SPLITS:
             metrics_dir = self.reports / ("metrics" if split_key == "test" else f"metrics_{split_key}")
-            files = [metrics_dir / f"{row}.json" for row in self.rows]
-            if not all(f.is_file() for f in files):
+            if not all((metrics_dir / f"{row}.json").is_file() for row in self.rows):
                 return None
-            results[split_key] = {row: json.loads(f.read_text()) for row, f in zip(self.rows, files)}
+            # every row the seed has, also those of an earlier call with more rows (its table keeps them)
+            results[split_key] = {row: json.loads((metrics_dir / f"{row}.json").read_text()) for row in ORDER
+                                  if (metrics_dir / f"{row}.json").is_file()}
         for f in sorted((self.reports / "metrics_val_budget").glob("*.json")):
             results.setdefault("budget", {})[f.stem] = json.loads(f.read_text())
         return results
@@ -120,6 +142,9 @@ class Chain:
         if done is not None:
             return done
         m, r = self.models, self.reports
+        code = r / "code.json"  # which code made this seed's numbers (kept from the seed's first run)
+        if not code.is_file():
+            write_json_atomic(code, code_version())
         source, oracle, memory = m / "source/model.pt", m / "oracle/model.pt", m / "memory/subsampled.h5"
 
         def evaluated(row: str) -> bool:  # committed metrics on test and validation: nothing to train for it
@@ -176,16 +201,30 @@ class Chain:
         return results
 
 
+def code_summary(out: Path, seeds: list[int]) -> str:
+    """'seeds 0-3 at 1fe34d1; seeds 4-9 at ac4e4d8' from each seed's code.json."""
+    groups: dict[str, list[int]] = {}
+    for s in seeds:
+        f = out / f"seed{s}" / "code.json"
+        info = json.loads(f.read_text()) if f.is_file() else {}
+        key = str(info.get("commit", "unknown"))[:7] + (" (tree differed)" if info.get("dirty") else "")
+        groups.setdefault(key, []).append(s)
+    return "; ".join(f"seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))} at {k}" for k, v in groups.items())
+
+
 def write_tables(results: dict[int, dict], out: Path, meta: dict) -> dict:
     """rows.json, rows.md, rows_val.md and diffs.png from every finished seed."""
     rows = [r for r in ORDER if any(r in results[s]["test"] for s in results)]
-    report = {**meta, "seeds_done": sorted(results)}
+    report = {**meta, "seeds_done": sorted(results),
+              "code": {s: json.loads(f.read_text()) for s in sorted(results)
+                       for f in [out / f"seed{s}" / "code.json"] if f.is_file()}}
     for split_key in SPLITS:
         summary = seedstats.summarise({s: results[s][split_key] for s in results}, rows, list(REFERENCES))
         report[split_key] = summary
         text = seedstats.render(summary, ROW_DESCRIPTIONS, split=SPLITS[split_key].replace("_", " "))
         head = (f"Written by `python benchmarks/bench_rows.py` ({meta['command']}): {meta['jobs']} runs at a time, "
-                f"each pinned to {meta['threads']} thread(s), on {meta['machine']}; torch {meta['torch']}.\n\n")
+                f"each pinned to {meta['threads']} thread(s), on {meta['machine']}; torch {meta['torch']}.\n"
+                f"Code per seed (`seed<S>/code.json`): {code_summary(out, sorted(results))}.\n\n")
         if split_key == "test":  # how often each method's teacher drifted, beside the means
             diags = {s: {row: json.loads(f.read_text()) for f in sorted((out / f"seed{s}" / "diagnostics").glob("*.json"))
                          for row in [f.stem]} for s in results}

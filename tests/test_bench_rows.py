@@ -105,6 +105,7 @@ def test_every_chain_step_reads_the_bench_data_folder(tmp_path, monkeypatch):
     params.write_text((root / "params.yaml").read_text())
     chain = bench.Chain(0, list(bench.ORDER), params, tmp_path / "out", tmp_path / "work", 1, 0)
     chain.go()
+    assert json.loads((tmp_path / "out" / "seed0" / "code.json").read_text())["commit"]
     by_step = dict(calls)
     assert {"pretrain", "oracle", "extract_memory", "adapt_vspa", "adapt_at_like"} <= set(by_step)
     for step, args in calls:
@@ -114,3 +115,55 @@ def test_every_chain_step_reads_the_bench_data_folder(tmp_path, monkeypatch):
         assert paths, f"{step} reads no file under --data: {args}"
         if step.startswith("adapt"):
             assert {str(data / "source_train"), str(data / "target_train")} <= set(args)
+
+
+def _bench_module():
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_rows", root / "benchmarks" / "bench_rows.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_rows"] = bench
+    spec.loader.exec_module(bench)
+    return bench, root
+
+
+def test_a_finished_seed_keeps_its_other_rows_and_its_params_check(tmp_path):
+    """A seed finished with more rows (fair source, MILA-like) keeps them in the table when a later call asks for
+    fewer; a params file that differs only in sections the bench does not read is accepted, one that differs in
+    the adaptation is refused."""
+    import yaml
+
+    bench, root = _bench_module()
+    params = tmp_path / "params.yaml"
+    params.write_text((root / "params.yaml").read_text())
+    out, work = tmp_path / "out", tmp_path / "work"
+    bench.Chain(0, ["at_like"], params, out, work, 1, 200)  # writes seed0/params.yaml
+    for split in ("metrics", "metrics_val"):
+        for row, value in (("at_like", 40.0), ("vspa", 42.0), ("fair_source", 30.0), ("mila_like", 41.0)):
+            f = out / "seed0" / split / f"{row}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({"mAP": value, "AP": {}}))
+    got = bench.Chain(0, ["at_like", "vspa"], params, out, work, 1, 200).finished()
+    assert set(got["test"]) == {"at_like", "vspa", "fair_source", "mila_like"}
+    assert bench.Chain(0, ["at_like", "oracle_on_target"], params, out, work, 1, 200).finished() is None
+
+    p = yaml.safe_load(params.read_text())
+    p.setdefault("translate", {})["lambda_ga"] = 0.5  # not read by any bench run
+    params.write_text(yaml.safe_dump(p, sort_keys=False))
+    bench.Chain(0, ["at_like"], params, out, work, 1, 200)
+    p["adapt"]["lr"] = 123.0
+    params.write_text(yaml.safe_dump(p, sort_keys=False))
+    with pytest.raises(bench.VspaError, match="other params"):
+        bench.Chain(0, ["at_like"], params, out, work, 1, 200)
+
+
+def test_code_summary_groups_seeds_by_commit(tmp_path):
+    bench, _ = _bench_module()
+    for s, commit, dirty in ((0, "a" * 40, False), (1, "a" * 40, False), (2, "b" * 40, True)):
+        (tmp_path / f"seed{s}").mkdir()
+        (tmp_path / f"seed{s}" / "code.json").write_text(json.dumps({"commit": commit, "dirty": dirty}))
+    assert bench.code_summary(tmp_path, [0, 1, 2, 3]) == (
+        "seeds 0, 1 at aaaaaaa; seed 2 at bbbbbbb (tree differed); seed 3 at unknown")
+    assert bench.code_version()["commit"] != "unknown"
