@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python ...` through the shell: the venv's interpreter must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: params repro augsim translate test test-slow bench bench-diversity bench-iteration real-scale gpu-check smoke-real readme clean-venv
+.PHONY: params repro augsim translate test format test-slow bench bench-diversity bench-iteration real-scale gpu-check smoke-real readme clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,14 @@ translate: $(STAMP)
 	$(BIN)/dvc repro report_all report_translate
 
 test: $(STAMP)
-	$(BIN)/ruff check src stages benchmarks tests
+	$(BIN)/ruff check src stages benchmarks tests conf
+	$(BIN)/ruff format --check src stages benchmarks tests conf
 	$(BIN)/python -m pytest -q
+
+# The formatter `make test` checks (ruff format, pyproject.toml [tool.ruff.format]); then `make test`.
+format: $(STAMP)
+	$(BIN)/ruff format src stages benchmarks tests conf
+	$(BIN)/ruff check --fix src stages benchmarks tests conf
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

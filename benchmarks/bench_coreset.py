@@ -84,7 +84,9 @@ def main(
     n: int = typer.Option(58701, help="Rows (Sim10k's object count by default)."),
     dim: int = typer.Option(1024, help="Feature dimension."),
     ratio: float = typer.Option(0.5, help="Fraction kept."),
-    projection_dims: str = typer.Option("0,128,256", help="vspa k-center projections to run, comma-separated (0 = exact)."),
+    projection_dims: str = typer.Option(
+        "0,128,256", help="vspa k-center projections to run, comma-separated (0 = exact)."
+    ),
     threads: int = typer.Option(1, help="torch threads for every method."),
     seed: int = typer.Option(0),
     out_dir: Path = typer.Option(Path("reports/bench"), help="Where coreset.json / coreset.md go."),

@@ -47,12 +47,14 @@ from vspa.utils import VspaError, run_stage, write_json_atomic, write_text_atomi
 
 def unpack_revision(rev: str, dest: Path) -> str:
     """``git archive rev`` unpacked into ``dest``; returns the full commit hash."""
-    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True,
-                            text=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True, text=True
+    )
     if commit.returncode:
         raise VspaError(f"bench_iteration: '{rev}' is not a commit of {ROOT} ({commit.stderr.strip()}).")
-    archive = subprocess.run(["git", "archive", "--format=tar", commit.stdout.strip()], cwd=ROOT,
-                             capture_output=True, check=True)
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", commit.stdout.strip()], cwd=ROOT, capture_output=True, check=True
+    )
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(dest, filter="data")
     return commit.stdout.strip()
@@ -72,9 +74,18 @@ def checkpoint_for(tree: Path, checkpoint: Path, dest: Path, env: dict) -> Path:
     (an older version refuses them; they were added later with the old behaviour as their default)."""
     import torch
 
-    proc = subprocess.run([sys.executable, "-c", "import dataclasses, json; from vspa.detection.model import "
-                           "DetectorConfig; print(json.dumps([f.name for f in dataclasses.fields(DetectorConfig)]))"],
-                          cwd=tree, env=dict(env, PYTHONPATH=str(tree / "src")), capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import dataclasses, json; from vspa.detection.model import "
+            "DetectorConfig; print(json.dumps([f.name for f in dataclasses.fields(DetectorConfig)]))",
+        ],
+        cwd=tree,
+        env=dict(env, PYTHONPATH=str(tree / "src")),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         raise VspaError(f"bench_iteration: cannot read DetectorConfig in {tree}:\n{proc.stderr[-2000:]}")
     known = set(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -95,7 +106,11 @@ def main(
     pretrain_short: int = typer.Option(10, min=1, help="Pretrain iterations of the short run."),
     pretrain_long: int = typer.Option(60, min=2, help="Pretrain iterations of the long run."),
     adapt_short: int = typer.Option(5, min=1, help="Adaptation iterations of the short run."),
-    adapt_long: int = typer.Option(55, min=2, help="Adaptation iterations of the long run (5 -> 55 holds two of the gradient-share iterations, 1 in 25, as a whole run does)."),
+    adapt_long: int = typer.Option(
+        55,
+        min=2,
+        help="Adaptation iterations of the long run (5 -> 55 holds two of the gradient-share iterations, 1 in 25, as a whole run does).",
+    ),
     data: Path = typer.Option(Path("data/benchmark"), help="The benchmark's splits (prepare's output)."),
     model: Path = typer.Option(Path("models/source/model.pt"), help="Source detector both versions adapt."),
     memory: Path = typer.Option(Path("models/memory/subsampled.h5"), help="Memory both versions adapt with."),
@@ -106,8 +121,12 @@ def main(
 
         if pretrain_long <= pretrain_short or adapt_long <= adapt_short:
             raise VspaError("bench_iteration: each long run needs more iterations than its short run.")
-        for path in (data / "source_train" / "annotations.json", data / "target_train" / "annotations.json",
-                     model, memory):
+        for path in (
+            data / "source_train" / "annotations.json",
+            data / "target_train" / "annotations.json",
+            model,
+            memory,
+        ):
             if not (ROOT / path).is_file():
                 raise VspaError(f"{path}: missing. Run `dvc repro subsample` (or `make repro`) first.")
         work = Path(tempfile.mkdtemp(prefix="vspa_bench_iteration_"))
@@ -127,23 +146,53 @@ def main(
                 a_its = its if stage == "adapt" else adapt_short
                 params = timing_params(tree, run_dir / "params.yaml", p_its, a_its)
                 if stage == "pretrain":
-                    script = (["stages/train.py", "--section", "pretrain"] if (tree / "stages/train.py").is_file()
-                              else ["stages/pretrain.py"])  # one script for pretrain and oracle since issue 15
-                    args = [*script, "--params", str(params), "--data", str(ROOT / data / "source_train"),
-                            "--out", str(run_dir / "model.pt"), "--log", str(run_dir / "losses.csv"),
-                            "--work-dir", str(run_dir / "work")]
+                    script = (
+                        ["stages/train.py", "--section", "pretrain"]
+                        if (tree / "stages/train.py").is_file()
+                        else ["stages/pretrain.py"]
+                    )  # one script for pretrain and oracle since issue 15
+                    args = [
+                        *script,
+                        "--params",
+                        str(params),
+                        "--data",
+                        str(ROOT / data / "source_train"),
+                        "--out",
+                        str(run_dir / "model.pt"),
+                        "--log",
+                        str(run_dir / "losses.csv"),
+                        "--work-dir",
+                        str(run_dir / "work"),
+                    ]
                 else:
-                    args = ["stages/adapt.py", "--params", str(params), "--name", "vspa", "--model", str(models[version]),
-                            "--source", str(ROOT / data / "source_train"), "--target",
-                            str(ROOT / data / "target_train"), "--memory", str(ROOT / memory), "--out",
-                            str(run_dir / "adapt"), "--log-dir", str(run_dir / "logs")]
+                    args = [
+                        "stages/adapt.py",
+                        "--params",
+                        str(params),
+                        "--name",
+                        "vspa",
+                        "--model",
+                        str(models[version]),
+                        "--source",
+                        str(ROOT / data / "source_train"),
+                        "--target",
+                        str(ROOT / data / "target_train"),
+                        "--memory",
+                        str(ROOT / memory),
+                        "--out",
+                        str(run_dir / "adapt"),
+                        "--log-dir",
+                        str(run_dir / "logs"),
+                    ]
                 env = dict(env_base, PYTHONPATH=str(tree / "src"))
                 start = time.perf_counter()
                 proc = subprocess.run([sys.executable, *args], cwd=tree, env=env, capture_output=True, text=True)
                 elapsed = time.perf_counter() - start
                 if proc.returncode:
-                    raise VspaError(f"bench_iteration: {version} {stage} ({its} iterations) failed in {tree}:\n"
-                                    f"{proc.stderr[-3000:]}")
+                    raise VspaError(
+                        f"bench_iteration: {version} {stage} ({its} iterations) failed in {tree}:\n"
+                        f"{proc.stderr[-3000:]}"
+                    )
                 return elapsed
 
             for rep in range(reps):
@@ -153,18 +202,26 @@ def main(
                         t_long = timed(version, stage, long, work / f"r{rep}_{version}_{stage}_long")
                         per_it = (t_long - t_short) / (long - short)
                         seconds[version][stage].append(per_it)
-                        print(f"[bench_iteration] rep {rep + 1}/{reps} {stage} {version}: {per_it:.3f} s/it "
-                              f"({short} its {t_short:.1f} s, {long} its {t_long:.1f} s)", file=sys.stderr)
+                        print(
+                            f"[bench_iteration] rep {rep + 1}/{reps} {stage} {version}: {per_it:.3f} s/it "
+                            f"({short} its {t_short:.1f} s, {long} its {t_long:.1f} s)",
+                            file=sys.stderr,
+                        )
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
         result = {
             "command": " ".join(["python benchmarks/bench_iteration.py", *sys.argv[1:]]),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-            "threads": threads, "reps": reps, "windows": windows,
+            "machine": f"{platform.machine()} {os.cpu_count()} cores",
+            "torch": torch.__version__,
+            "threads": threads,
+            "reps": reps,
+            "windows": windows,
             "old": {"revision": old, "commit": old_commit},
             "new": {"revision": new, "commit": new_commit},
-            "seconds_per_iteration": seconds, "median": {}, "speedup": {},
+            "seconds_per_iteration": seconds,
+            "median": {},
+            "speedup": {},
         }
         for stage in windows:
             old_med = statistics.median(seconds["old"][stage])
@@ -176,12 +233,15 @@ def main(
             f"Seconds per training iteration, old ({old} = {old_commit[:7]}) and new ({new} = {new_commit[:7]}) code timed in one "
             f"run (`{result['command']}`; {result['machine']}, {threads} thread(s) per process, torch "
             f"{result['torch']}). Per stage: (T(long) - T(short)) / (long - short) over two runs of its stage "
-            f"script; versions alternate within each repetition; median of {reps}.", "",
+            f"script; versions alternate within each repetition; median of {reps}.",
+            "",
             "| stage | old s/it | new s/it | speed-up (old / new) | per repetition old | per repetition new |",
             "|---|---:|---:|---:|---|---|",
         ]
-        labels = {"pretrain": f"pretrain (batch 4, {pretrain_short}->{pretrain_long} its)",
-                  "adapt": f"adapt VSPA (2+2 images, {adapt_short}->{adapt_long} its)"}
+        labels = {
+            "pretrain": f"pretrain (batch 4, {pretrain_short}->{pretrain_long} its)",
+            "adapt": f"adapt VSPA (2+2 images, {adapt_short}->{adapt_long} its)",
+        }
         for stage in windows:
             med = result["median"][stage]
             lines.append(

@@ -101,13 +101,17 @@ def worker(
     before = _status_kb("VmRSS")
     stats = extract_memory(detector, dataset, out, batch_size=batch_size, chunk_rows=chunk_rows, progress=False)
     peak = _status_kb("VmHWM")
-    print(json.dumps({
-        **stats.to_dict(),
-        "rss_before_mib": before / 1024,
-        "peak_rss_mib": peak / 1024,
-        "peak_growth_mib": (peak - before) / 1024,
-        "file_mib": out.stat().st_size / 2**20,
-    }))
+    print(
+        json.dumps(
+            {
+                **stats.to_dict(),
+                "rss_before_mib": before / 1024,
+                "peak_rss_mib": peak / 1024,
+                "peak_growth_mib": (peak - before) / 1024,
+                "file_mib": out.stat().st_size / 2**20,
+            }
+        )
+    )
 
 
 def bench_retrieval(n: int, dim: int, queries: int, classes: int, k: int, repeats: int) -> dict:
@@ -134,8 +138,15 @@ def bench_retrieval(n: int, dim: int, queries: int, classes: int, k: int, repeat
         t = time.perf_counter()
         retriever.topk(q, ql, k)
         times.append(time.perf_counter() - t)
-    return {"entries": n, "classes": classes, "queries": queries, "k": k, "setup_s": setup,
-            "median_s": statistics.median(times), "min_s": min(times)}
+    return {
+        "entries": n,
+        "classes": classes,
+        "queries": queries,
+        "k": k,
+        "setup_s": setup,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+    }
 
 
 @app.command()
@@ -150,9 +161,7 @@ def run(
     """Retrieval and extraction benchmarks; writes memory.json and memory.md to ``out_dir``."""
     torch.set_num_threads(threads)
     load_start = os.getloadavg()[0]
-    retrieval = [
-        bench_retrieval(entries, 1024, queries, classes, k, repeats) for classes in (1, 3) for k in (1, 10)
-    ]
+    retrieval = [bench_retrieval(entries, 1024, queries, classes, k, repeats) for classes in (1, 3) for k in (1, 10)]
     for r in retrieval:
         typer.echo(f"retrieval {r['classes']} class(es), k={r['k']}: {r['median_s'] * 1e3:.1f} ms")
 
@@ -163,19 +172,37 @@ def run(
         tmp = out_dir / f".bench_memory_{images}.h5"
         try:
             proc = subprocess.run(
-                [sys.executable, __file__, "worker", "--images", str(images), "--out", str(tmp), "--threads", str(threads)],
-                check=True, capture_output=True, text=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "worker",
+                    "--images",
+                    str(images),
+                    "--out",
+                    str(tmp),
+                    "--threads",
+                    str(threads),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
             )
         finally:
             tmp.unlink(missing_ok=True)
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         extraction.append(result)
-        typer.echo(f"extraction {result['fg_rows']} entries: {result['images_per_s']:.1f} images/s, "
-                   f"peak growth {result['peak_growth_mib']:.1f} MiB")
+        typer.echo(
+            f"extraction {result['fg_rows']} entries: {result['images_per_s']:.1f} images/s, "
+            f"peak growth {result['peak_growth_mib']:.1f} MiB"
+        )
 
-    report = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-              "threads": threads, "load_average": [load_start, os.getloadavg()[0]],
-              "retrieval": retrieval, "extraction": extraction}
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "threads": threads,
+        "load_average": [load_start, os.getloadavg()[0]],
+        "retrieval": retrieval,
+        "extraction": extraction,
+    }
     write_json_atomic(out_dir / "memory.json", report)
     lines = [
         f"1-minute load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
@@ -186,16 +213,21 @@ def run(
         "",
         "| classes | k | median ms | min ms | setup s |",
         "| ---: | ---: | ---: | ---: | ---: |",
-        *(f"| {r['classes']} | {r['k']} | {r['median_s'] * 1e3:.1f} | {r['min_s'] * 1e3:.1f} | {r['setup_s']:.2f} |"
-          for r in retrieval),
+        *(
+            f"| {r['classes']} | {r['k']} | {r['median_s'] * 1e3:.1f} | {r['min_s'] * 1e3:.1f} | {r['setup_s']:.2f} |"
+            for r in retrieval
+        ),
         "",
         "Extraction: the params.yaml detector (default `small`), 320x160 images, 40 objects each, batch 8, "
         "chunk_rows 4096.",
         "",
         "| fg entries | images | images/s | RSS before MiB | peak RSS MiB | peak growth MiB | file MiB |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        *(f"| {e['fg_rows']:,} | {e['images']} | {e['images_per_s']:.1f} | {e['rss_before_mib']:.0f} | "
-          f"{e['peak_rss_mib']:.0f} | {e['peak_growth_mib']:.1f} | {e['file_mib']:.0f} |" for e in extraction),
+        *(
+            f"| {e['fg_rows']:,} | {e['images']} | {e['images_per_s']:.1f} | {e['rss_before_mib']:.0f} | "
+            f"{e['peak_rss_mib']:.0f} | {e['peak_growth_mib']:.1f} | {e['file_mib']:.0f} |"
+            for e in extraction
+        ),
         "",
     ]
     write_text_atomic(out_dir / "memory.md", "\n".join(lines))

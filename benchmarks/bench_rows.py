@@ -60,8 +60,19 @@ def parse_seeds(text: str) -> list[int]:
 
 
 # the params sections a chain's stage scripts read (the translator's sections, for one, do not matter here)
-BENCH_SECTIONS = ("scenario", "data", "prepare", "model", "pretrain", "oracle", "evaluate", "extract_memory",
-                  "subsample", "adapt", *(f"adapt_{row}" for row in ADAPT_ROWS))
+BENCH_SECTIONS = (
+    "scenario",
+    "data",
+    "prepare",
+    "model",
+    "pretrain",
+    "oracle",
+    "evaluate",
+    "extract_memory",
+    "subsample",
+    "adapt",
+    *(f"adapt_{row}" for row in ADAPT_ROWS),
+)
 
 
 def bench_view(params: dict) -> dict:
@@ -73,11 +84,15 @@ def bench_view(params: dict) -> dict:
 
 def code_version() -> dict:
     """The git commit the stage scripts run from, and whether the tree differs from it (recorded per seed)."""
+
     def git(*args: str) -> str:
         proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return proc.stdout.strip() if proc.returncode == 0 else ""
-    return {"commit": git("rev-parse", "HEAD") or "unknown",
-            "dirty": bool(git("status", "--porcelain", "--", "src", "stages", "benchmarks"))}
+
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--", "src", "stages", "benchmarks")),
+    }
 
 
 class Chain:
@@ -97,11 +112,17 @@ class Chain:
         text = yaml.safe_dump(base, sort_keys=False)
         # compared as effective values: a seed written before params.yaml was composed (nulls filled from the
         # scenario preset at run time) matches the composed file with the same values
-        if (self.params.is_file() and self.params.read_text() != text and any(self.reports.glob("metrics*/*.json"))
-                and bench_view(yaml.safe_load(self.params.read_text())) != bench_view(base)):
-            raise VspaError(f"{self.params}: seed {seed} was run with other params than {params} gives now; its "
-                            f"results would be mixed with new ones. Move {self.reports} (and {self.models}) away, "
-                            f"or restore those params.")
+        if (
+            self.params.is_file()
+            and self.params.read_text() != text
+            and any(self.reports.glob("metrics*/*.json"))
+            and bench_view(yaml.safe_load(self.params.read_text())) != bench_view(base)
+        ):
+            raise VspaError(
+                f"{self.params}: seed {seed} was run with other params than {params} gives now; its "
+                f"results would be mixed with new ones. Move {self.reports} (and {self.models}) away, "
+                f"or restore those params."
+            )
         write_text_atomic(self.params, text)
         self.seconds: dict[str, float] = {}
 
@@ -110,13 +131,22 @@ class Chain:
             return
         log = self.models / "logs" / f"{step}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
-                   PYTHONPATH=str(ROOT / "src"))
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=str(self.threads),
+            MKL_NUM_THREADS=str(self.threads),
+            PYTHONPATH=str(ROOT / "src"),
+        )
         env.pop("WORLD_SIZE", None)
         start = time.perf_counter()
         with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, *args, "--params", str(self.params)], cwd=ROOT, env=env,
-                                  stdout=f, stderr=subprocess.STDOUT)
+            proc = subprocess.run(
+                [sys.executable, *args, "--params", str(self.params)],
+                cwd=ROOT,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
         if proc.returncode:
             tail = log.read_text().splitlines()[-5:]
             raise VspaError(f"seed {self.seed}, {step} failed (exit {proc.returncode}); see {log}:\n" + "\n".join(tail))
@@ -131,8 +161,11 @@ class Chain:
             if not all((metrics_dir / f"{row}.json").is_file() for row in self.rows):
                 return None
             # every row the seed has, also those of an earlier call with more rows (its table keeps them)
-            results[split_key] = {row: json.loads((metrics_dir / f"{row}.json").read_text()) for row in ORDER
-                                  if (metrics_dir / f"{row}.json").is_file()}
+            results[split_key] = {
+                row: json.loads((metrics_dir / f"{row}.json").read_text())
+                for row in ORDER
+                if (metrics_dir / f"{row}.json").is_file()
+            }
         for f in sorted((self.reports / "metrics_val_budget").glob("*.json")):
             results.setdefault("budget", {})[f.stem] = json.loads(f.read_text())
         return results
@@ -151,47 +184,146 @@ class Chain:
             return all((r / d / f"{row}.json").is_file() for d in ("metrics", "metrics_val"))
 
         if not all(evaluated(row) for row in self.rows if row != "oracle_on_target"):
-            self.run("pretrain", ["stages/train.py", "--section", "pretrain", "--data", str(DATA / "source_train"), "--out", str(source), "--log",
-                                  str(m / "logs/pretrain_losses.csv"), "--work-dir", str(m / "source/work")], source)
+            self.run(
+                "pretrain",
+                [
+                    "stages/train.py",
+                    "--section",
+                    "pretrain",
+                    "--data",
+                    str(DATA / "source_train"),
+                    "--out",
+                    str(source),
+                    "--log",
+                    str(m / "logs/pretrain_losses.csv"),
+                    "--work-dir",
+                    str(m / "source/work"),
+                ],
+                source,
+            )
         adapt_rows = [row for row in ADAPT_ROWS if row in self.rows and not evaluated(row)]
         if any(row in ("vspa", "mila_like", "bg_only") for row in adapt_rows):
-            self.run("extract_memory", ["stages/extract_memory.py", "--model", str(source), "--data",
-                                        str(DATA / "source_train"), "--out",
-                                        str(m / "memory/full.h5"), "--stats", str(m / "logs/extract.json")], memory)
-            self.run("subsample", ["stages/subsample.py", "--memory", str(m / "memory/full.h5"), "--out", str(memory),
-                                   "--coverage", str(m / "logs/coverage.json")], memory)
+            self.run(
+                "extract_memory",
+                [
+                    "stages/extract_memory.py",
+                    "--model",
+                    str(source),
+                    "--data",
+                    str(DATA / "source_train"),
+                    "--out",
+                    str(m / "memory/full.h5"),
+                    "--stats",
+                    str(m / "logs/extract.json"),
+                ],
+                memory,
+            )
+            self.run(
+                "subsample",
+                [
+                    "stages/subsample.py",
+                    "--memory",
+                    str(m / "memory/full.h5"),
+                    "--out",
+                    str(memory),
+                    "--coverage",
+                    str(m / "logs/coverage.json"),
+                ],
+                memory,
+            )
         for row in adapt_rows:  # loss logs stay with the models; the small diagnostics are kept beside the metrics
             logs = m / "logs" / "adapt" / row
-            self.run(f"adapt_{row}", ["stages/adapt.py", "--name", row, "--model", str(source), "--memory", str(memory),
-                                      "--source", str(DATA / "source_train"), "--target", str(DATA / "target_train"),
-                                      "--out", str(m / "adapt" / row), "--log-dir", str(logs)],
-                     m / "adapt" / row / "model.pt")
+            self.run(
+                f"adapt_{row}",
+                [
+                    "stages/adapt.py",
+                    "--name",
+                    row,
+                    "--model",
+                    str(source),
+                    "--memory",
+                    str(memory),
+                    "--source",
+                    str(DATA / "source_train"),
+                    "--target",
+                    str(DATA / "target_train"),
+                    "--out",
+                    str(m / "adapt" / row),
+                    "--log-dir",
+                    str(logs),
+                ],
+                m / "adapt" / row / "model.pt",
+            )
             kept = r / "diagnostics" / f"{row}.json"
             if not kept.is_file():
                 write_json_atomic(kept, json.loads((logs / "diagnostics.json").read_text()))
         if "oracle_on_target" in self.rows and not evaluated("oracle_on_target"):
-            self.run("oracle", ["stages/train.py", "--section", "oracle", "--data", str(DATA / "target_train"), "--out", str(oracle), "--log", str(m / "logs/oracle_losses.csv"),
-                                "--work-dir", str(m / "oracle/work")], oracle)
-        checkpoints = {"source_on_target": source, "oracle_on_target": oracle,
-                       **{row: m / "adapt" / row / "model.pt" for row in ADAPT_ROWS}}
+            self.run(
+                "oracle",
+                [
+                    "stages/train.py",
+                    "--section",
+                    "oracle",
+                    "--data",
+                    str(DATA / "target_train"),
+                    "--out",
+                    str(oracle),
+                    "--log",
+                    str(m / "logs/oracle_losses.csv"),
+                    "--work-dir",
+                    str(m / "oracle/work"),
+                ],
+                oracle,
+            )
+        checkpoints = {
+            "source_on_target": source,
+            "oracle_on_target": oracle,
+            **{row: m / "adapt" / row / "model.pt" for row in ADAPT_ROWS},
+        }
         results: dict[str, dict[str, dict]] = {}
         for split_key, split in SPLITS.items():
             metrics_dir = r / ("metrics" if split_key == "test" else f"metrics_{split_key}")
             for row in self.rows:
-                self.run(f"evaluate_{row}_{split_key}",
-                         ["stages/evaluate.py", "--model", str(checkpoints[row]), "--data", str(DATA / split), "--name",
-                          row, "--metrics-dir", str(metrics_dir), "--plots-dir", str(m / "pr" / split_key)],
-                         metrics_dir / f"{row}.json")
+                self.run(
+                    f"evaluate_{row}_{split_key}",
+                    [
+                        "stages/evaluate.py",
+                        "--model",
+                        str(checkpoints[row]),
+                        "--data",
+                        str(DATA / split),
+                        "--name",
+                        row,
+                        "--metrics-dir",
+                        str(metrics_dir),
+                        "--plots-dir",
+                        str(m / "pr" / split_key),
+                    ],
+                    metrics_dir / f"{row}.json",
+                )
                 results.setdefault(split_key, {})[row] = json.loads((metrics_dir / f"{row}.json").read_text())
         # the iteration budget, judged on validation only: the teacher's snapshots of each adaptation run
         for row in adapt_rows:
             for snap in sorted((m / "adapt" / row / "work").glob("teacher_*.pt")):
                 name = f"{row}@{snap.stem.split('_')[1]}"
                 metrics_dir = r / "metrics_val_budget"
-                self.run(f"evaluate_{name}_val", ["stages/evaluate.py", "--model", str(snap), "--data",
-                                                  str(DATA / SPLITS["val"]), "--name", name, "--metrics-dir",
-                                                  str(metrics_dir), "--plots-dir", str(m / "pr" / "budget")],
-                         metrics_dir / f"{name}.json")
+                self.run(
+                    f"evaluate_{name}_val",
+                    [
+                        "stages/evaluate.py",
+                        "--model",
+                        str(snap),
+                        "--data",
+                        str(DATA / SPLITS["val"]),
+                        "--name",
+                        name,
+                        "--metrics-dir",
+                        str(metrics_dir),
+                        "--plots-dir",
+                        str(m / "pr" / "budget"),
+                    ],
+                    metrics_dir / f"{name}.json",
+                )
         for f in sorted((r / "metrics_val_budget").glob("*.json")):  # this run's and earlier runs' snapshots
             results.setdefault("budget", {})[f.stem] = json.loads(f.read_text())
         if self.seconds:
@@ -215,19 +347,34 @@ def code_summary(out: Path, seeds: list[int]) -> str:
 def write_tables(results: dict[int, dict], out: Path, meta: dict) -> dict:
     """rows.json, rows.md, rows_val.md and diffs.png from every finished seed."""
     rows = [r for r in ORDER if any(r in results[s]["test"] for s in results)]
-    report = {**meta, "seeds_done": sorted(results),
-              "code": {s: json.loads(f.read_text()) for s in sorted(results)
-                       for f in [out / f"seed{s}" / "code.json"] if f.is_file()}}
+    report = {
+        **meta,
+        "seeds_done": sorted(results),
+        "code": {
+            s: json.loads(f.read_text())
+            for s in sorted(results)
+            for f in [out / f"seed{s}" / "code.json"]
+            if f.is_file()
+        },
+    }
     for split_key in SPLITS:
         summary = seedstats.summarise({s: results[s][split_key] for s in results}, rows, list(REFERENCES))
         report[split_key] = summary
         text = seedstats.render(summary, ROW_DESCRIPTIONS, split=SPLITS[split_key].replace("_", " "))
-        head = (f"Written by `python benchmarks/bench_rows.py` ({meta['command']}): {meta['jobs']} runs at a time, "
-                f"each pinned to {meta['threads']} thread(s), on {meta['machine']}; torch {meta['torch']}.\n"
-                f"Code per seed (`seed<S>/code.json`): {code_summary(out, sorted(results))}.\n\n")
+        head = (
+            f"Written by `python benchmarks/bench_rows.py` ({meta['command']}): {meta['jobs']} runs at a time, "
+            f"each pinned to {meta['threads']} thread(s), on {meta['machine']}; torch {meta['torch']}.\n"
+            f"Code per seed (`seed<S>/code.json`): {code_summary(out, sorted(results))}.\n\n"
+        )
         if split_key == "test":  # how often each method's teacher drifted, beside the means
-            diags = {s: {row: json.loads(f.read_text()) for f in sorted((out / f"seed{s}" / "diagnostics").glob("*.json"))
-                         for row in [f.stem]} for s in results}
+            diags = {
+                s: {
+                    row: json.loads(f.read_text())
+                    for f in sorted((out / f"seed{s}" / "diagnostics").glob("*.json"))
+                    for row in [f.stem]
+                }
+                for s in results
+            }
             drift = seedstats.teacher_drift(diags)
             report["teacher_drift"] = {row: drift[row] for row in ORDER if row in drift}
             text += seedstats.render_drift(report["teacher_drift"], ROW_DESCRIPTIONS)
@@ -235,23 +382,32 @@ def write_tables(results: dict[int, dict], out: Path, meta: dict) -> dict:
         if split_key == "test":
             seedstats.plot_differences(summary, out / "diffs.png", ROW_DESCRIPTIONS)
     budget = {s: results[s].get("budget", {}) for s in results}
-    names = sorted({n for b in budget.values() for n in b}, key=lambda n: (ORDER.index(n.split("@")[0]),
-                                                                        int(n.split("@")[1])))
+    names = sorted(
+        {n for b in budget.values() for n in b}, key=lambda n: (ORDER.index(n.split("@")[0]), int(n.split("@")[1]))
+    )
     if names:  # each row's snapshots beside its final model, on validation: mean, and paired against the final
         finals = {s: {**budget[s], **{f"{r}@final": m for r, m in results[s]["val"].items()}} for s in results}
-        rows_b = [n for r in ORDER if any(x.startswith(f"{r}@") for x in names)
-                  for n in [*(x for x in names if x.startswith(f"{r}@")), f"{r}@final"]]
+        rows_b = [
+            n
+            for r in ORDER
+            if any(x.startswith(f"{r}@") for x in names)
+            for n in [*(x for x in names if x.startswith(f"{r}@")), f"{r}@final"]
+        ]
         summary = seedstats.summarise(finals, rows_b, [])
         for r in {n.split("@")[0] for n in names}:
             ref = summary["rows"].get(f"{r}@final")
             if ref:
                 for n in (x for x in names if x.startswith(f"{r}@")):
                     summary["paired"].setdefault(f"{r}@final", {})[n] = seedstats.paired(
-                        summary["rows"][n]["mAP"]["values"], ref["mAP"]["values"])
+                        summary["rows"][n]["mAP"]["values"], ref["mAP"]["values"]
+                    )
         report["budget_val"] = summary
-        write_text_atomic(out / "budget_val.md", "Iteration budget on target validation: each adaptation run's teacher "
-                          "at the snapshot iterations and at the end (`@final`); paired against `@final`.\n\n"
-                          + seedstats.render(summary, {}, split="target validation"))
+        write_text_atomic(
+            out / "budget_val.md",
+            "Iteration budget on target validation: each adaptation run's teacher "
+            "at the snapshot iterations and at the end (`@final`); paired against `@final`.\n\n"
+            + seedstats.render(summary, {}, split="target validation"),
+        )
     write_json_atomic(out / "rows.json", report)
     return report
 
@@ -267,8 +423,11 @@ def main(
     jobs: int = typer.Option(2, help="Seed chains at a time."),
     threads: int = typer.Option(1, help="Threads per process (pinned; part of what a rerun must match)."),
     data: Path = typer.Option(DATA, help="The benchmark's split folders (the pipeline's prepare output)."),
-    snapshot_every: int = typer.Option(200, help="Keep each adaptation run's teacher every N iterations and "
-                                       "evaluate it on validation (the iteration budget study; 0 = off)."),
+    snapshot_every: int = typer.Option(
+        200,
+        help="Keep each adaptation run's teacher every N iterations and "
+        "evaluate it on validation (the iteration budget study; 0 = off).",
+    ),
 ) -> None:
     def body() -> None:
         import torch
@@ -284,9 +443,13 @@ def main(
         if unknown:
             raise VspaError(f"--rows / --extra-rows: unknown row(s) {unknown}. Known: {', '.join(ORDER)}.")
         seed_list, extra_list = parse_seeds(seeds), set(parse_seeds(extra_seeds))
-        meta = {"command": " ".join(["bench_rows.py", *sys.argv[1:]]) or "bench_rows.py", "jobs": jobs,
-                "threads": threads, "torch": torch.__version__,
-                "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}"}
+        meta = {
+            "command": " ".join(["bench_rows.py", *sys.argv[1:]]) or "bench_rows.py",
+            "jobs": jobs,
+            "threads": threads,
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or platform.system()}",
+        }
         start = time.perf_counter()
         results: dict[int, dict] = {}
 
@@ -301,9 +464,12 @@ def main(
                 meta["wall_seconds"] = round(time.perf_counter() - start, 1)
                 report = write_tables(dict(sorted(results.items())), out, meta)
                 d = report["test"]["paired"].get("at_like", {}).get("vspa")
-                print(f"seed {seed} done ({meta['wall_seconds']:.0f} s); VSPA - AT-like over {len(results)} seed(s): "
-                      + ("-" if not d or d["mean"] is None else f"{d['mean']:+.2f}")
-                      + ("" if not d or d["ci"] is None else f", 95% CI +-{d['half_width']:.2f}"), flush=True)
+                print(
+                    f"seed {seed} done ({meta['wall_seconds']:.0f} s); VSPA - AT-like over {len(results)} seed(s): "
+                    + ("-" if not d or d["mean"] is None else f"{d['mean']:+.2f}")
+                    + ("" if not d or d["ci"] is None else f", 95% CI +-{d['half_width']:.2f}"),
+                    flush=True,
+                )
         print((out / "rows.md").read_text())
 
     run_stage(body)

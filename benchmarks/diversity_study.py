@@ -73,12 +73,48 @@ def main(
         if not report_only:
             p_high = high_params(params, out / "params_high.yaml")
             if not (data / "target_test" / "annotations.json").is_file():
-                subprocess.run([sys.executable, "stages/prepare.py", "--params", str(p_high), "--out", str(data),
-                                "--summary", str(out / "data_summary_high.json")], cwd=ROOT, check=True)
-            subprocess.run([sys.executable, "benchmarks/bench_rows.py", "--seeds", seeds, "--extra-seeds", "",
-                            "--rows", ",".join(ROWS), "--params", str(p_high), "--out", str(high_out),
-                            "--work", str(work), "--data", str(data), "--snapshot-every", "0", "--jobs", str(jobs),
-                            "--threads", str(threads)], cwd=ROOT, check=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "stages/prepare.py",
+                        "--params",
+                        str(p_high),
+                        "--out",
+                        str(data),
+                        "--summary",
+                        str(out / "data_summary_high.json"),
+                    ],
+                    cwd=ROOT,
+                    check=True,
+                )
+            subprocess.run(
+                [
+                    sys.executable,
+                    "benchmarks/bench_rows.py",
+                    "--seeds",
+                    seeds,
+                    "--extra-seeds",
+                    "",
+                    "--rows",
+                    ",".join(ROWS),
+                    "--params",
+                    str(p_high),
+                    "--out",
+                    str(high_out),
+                    "--work",
+                    str(work),
+                    "--data",
+                    str(data),
+                    "--snapshot-every",
+                    "0",
+                    "--jobs",
+                    str(jobs),
+                    "--threads",
+                    str(threads),
+                ],
+                cwd=ROOT,
+                check=True,
+            )
         levels, done = {}, None
         for level, path in (("standard", standard), ("high", high_out / "rows.json")):
             if not path.is_file():
@@ -89,10 +125,12 @@ def main(
         table = diversity.compare_levels(levels, ROWS, PAIRS, seeds=done)
         table["seeds"] = done
         write_json_atomic(out / "diversity.json", table)
-        text = ("Within-class appearance diversity study (target test, AP50 VOC all-point), seeds "
-                f"{', '.join(map(str, done))} at both levels. standard: `{standard}`; high: "
-                f"`{high_out / 'rows.json'}` (`prepare.diversity: high`). Written by "
-                "`python benchmarks/diversity_study.py`.\n\n" + diversity.render(table, ROW_DESCRIPTIONS))
+        text = (
+            "Within-class appearance diversity study (target test, AP50 VOC all-point), seeds "
+            f"{', '.join(map(str, done))} at both levels. standard: `{standard}`; high: "
+            f"`{high_out / 'rows.json'}` (`prepare.diversity: high`). Written by "
+            "`python benchmarks/diversity_study.py`.\n\n" + diversity.render(table, ROW_DESCRIPTIONS)
+        )
         write_text_atomic(out / "diversity.md", text)
         print(text)
 

@@ -79,14 +79,17 @@ def check(device_name: str, iterations: int, amp: bool, work: Path) -> dict:
     from vspa.translation.trainer import TranslateConfig, train_translator
 
     if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise VspaError("gpu-check: no CUDA device is visible (torch.cuda.is_available() is False). Run it on a GPU "
-                        "node, or pass --device cpu to check the script itself on this machine.")
+        raise VspaError(
+            "gpu-check: no CUDA device is visible (torch.cuda.is_available() is False). Run it on a GPU "
+            "node, or pass --device cpu to check the script itself on this machine."
+        )
     device = torch.device(device_name)
     params = effective_params({"scenario": "synth_fog"})
     sizes = {"source_train": 24, "source_test": 8, "target_train": 24, "target_test": 16}
     data = work / "data"
-    generate_benchmark(data, "synth_fog", sizes, seed=0, height=160, width=320, fog_beta=0.04, fog_airlight=0.8,
-                       progress=False)
+    generate_benchmark(
+        data, "synth_fog", sizes, seed=0, height=160, width=320, fog_beta=0.04, fog_airlight=0.8, progress=False
+    )
     src_json = data / "source_train" / "annotations.json"
     src_ds = DetectionDataset(src_json)
     tgt_json = data / "target_train" / "annotations.json"
@@ -94,20 +97,37 @@ def check(device_name: str, iterations: int, amp: bool, work: Path) -> dict:
     rows: list[dict] = []
 
     def record(stage: str, probe: Probe, per: str, count: int, **extra) -> None:
-        row = {"stage": stage, "seconds": round(probe.seconds, 2), per: round(
-            probe.seconds / count if per.startswith("sec") else count / probe.seconds, 4),
-               "peak_mib": None if probe.peak_mib is None else round(probe.peak_mib, 1), **extra}
+        row = {
+            "stage": stage,
+            "seconds": round(probe.seconds, 2),
+            per: round(probe.seconds / count if per.startswith("sec") else count / probe.seconds, 4),
+            "peak_mib": None if probe.peak_mib is None else round(probe.peak_mib, 1),
+            **extra,
+        }
         rows.append(row)
         print(f"[gpu-check] {stage}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "stage"), flush=True)
 
     torch.manual_seed(0)
     detector = build_detector(model_cfg, src_ds.num_classes)
-    train_cfg = TrainConfig.from_params({**params["pretrain"], "iterations": iterations, "warmup_iters": 2,
-                                         "lr_steps": [], "device": device_name, "amp": amp})
+    train_cfg = TrainConfig.from_params(
+        {
+            **params["pretrain"],
+            "iterations": iterations,
+            "warmup_iters": 2,
+            "lr_steps": [],
+            "device": device_name,
+            "amp": amp,
+        }
+    )
     with Probe(torch, device) as probe:
         train_detector(src_ds, detector, train_cfg, work / "pretrain", work / "pretrain.csv", progress=False)
-    record("pretrain", probe, "sec_per_iter", iterations,
-           final_loss=round(_finite_log(work / "pretrain.csv", "total")[-1], 4))
+    record(
+        "pretrain",
+        probe,
+        "sec_per_iter",
+        iterations,
+        final_loss=round(_finite_log(work / "pretrain.csv", "total")[-1], 4),
+    )
     model_path = work / "source.pt"
     checkpoint.save(model_path, detector, model_cfg, src_ds.class_names)
 
@@ -120,25 +140,54 @@ def check(device_name: str, iterations: int, amp: bool, work: Path) -> dict:
     record("subsample", probe, "sec_per_iter", 1)
 
     student, _ = checkpoint.load(model_path, device)
-    adapt_cfg = AdaptConfig.from_params({**params["adapt"], "iterations": iterations, "device": device_name,
-                                         "refresh_every": max(1, iterations // 2), "checkpoint_every": iterations,
-                                         "amp": amp})
-    adapt_data = AdaptData(src_ds, DetectionDataset(tgt_json), work / "memory.h5",
-                           input_fingerprint(model_path, src_json, tgt_json, work / "memory.h5"))
+    adapt_cfg = AdaptConfig.from_params(
+        {
+            **params["adapt"],
+            "iterations": iterations,
+            "device": device_name,
+            "refresh_every": max(1, iterations // 2),
+            "checkpoint_every": iterations,
+            "amp": amp,
+        }
+    )
+    adapt_data = AdaptData(
+        src_ds,
+        DetectionDataset(tgt_json),
+        work / "memory.h5",
+        input_fingerprint(model_path, src_json, tgt_json, work / "memory.h5"),
+    )
     with Probe(torch, device) as probe:
         teacher, _ = adapt(student, adapt_data, adapt_cfg, work / "adapt", work / "adapt.csv", progress=False)
-    record("adapt (VSPA)", probe, "sec_per_iter", iterations,
-           final_loss=round(_finite_log(work / "adapt.csv", "total")[-1], 4))
+    record(
+        "adapt (VSPA)",
+        probe,
+        "sec_per_iter",
+        iterations,
+        final_loss=round(_finite_log(work / "adapt.csv", "total")[-1], 4),
+    )
     checkpoint.save(work / "adapted.pt", teacher, model_cfg, src_ds.class_names)
 
     from vspa.config import compose  # the translate section has no code defaults: its values are in conf/
 
-    tcfg = TranslateConfig.from_params({**compose(ROOT / "conf")["translate"], "variant": "attention_lg",
-                                        "iterations": iterations, "device": device_name,
-                                        "checkpoint_every": iterations})
+    tcfg = TranslateConfig.from_params(
+        {
+            **compose(ROOT / "conf")["translate"],
+            "variant": "attention_lg",
+            "iterations": iterations,
+            "device": device_name,
+            "checkpoint_every": iterations,
+        }
+    )
     with Probe(torch, device) as probe:
-        result = train_translator(tcfg, data / "target_train", data / "source_train", work / "translator.pt",
-                                  work / "translator_state.pt", work / "translator.csv", progress=False)
+        result = train_translator(
+            tcfg,
+            data / "target_train",
+            data / "source_train",
+            work / "translator.pt",
+            work / "translator_state.pt",
+            work / "translator.csv",
+            progress=False,
+        )
     finals = {k: v for k, v in result.get("final_losses", {}).items() if isinstance(v, (int, float))}
     if not finals or not all(math.isfinite(float(v)) for v in finals.values()):
         raise VspaError(f"gpu-check: the translator's losses are not finite: {finals}")
@@ -148,21 +197,37 @@ def check(device_name: str, iterations: int, amp: bool, work: Path) -> dict:
     with Probe(torch, device) as probe:
         metrics, _ = evaluate_model(work / "adapted.pt", data / "target_test", device, batch_size=8, progress=False)
     record("evaluate", probe, "images_per_sec", n_test, mAP=round(metrics["mAP"], 2))
-    return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else platform.processor() or platform.machine(), "torch": torch.__version__, "iterations": iterations,
-            "amp": amp, "stages": rows}
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "iterations": iterations,
+        "amp": amp,
+        "stages": rows,
+    }
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# GPU self-check: {report['device_name']} ({report['device']}), torch {report['torch']}, "
-             f"{report['iterations']} iterations per training stage, amp {report['amp']}", "",
-             "| stage | seconds | per iteration / throughput | peak memory (MiB) | note |", "|---|---:|---:|---:|---|"]
+    lines = [
+        f"# GPU self-check: {report['device_name']} ({report['device']}), torch {report['torch']}, "
+        f"{report['iterations']} iterations per training stage, amp {report['amp']}",
+        "",
+        "| stage | seconds | per iteration / throughput | peak memory (MiB) | note |",
+        "|---|---:|---:|---:|---|",
+    ]
     for r in report["stages"]:
-        rate = (f"{r['sec_per_iter']:.3f} s/it" if "sec_per_iter" in r else f"{r['images_per_sec']:.1f} img/s")
-        note = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("stage", "seconds", "sec_per_iter",
-                                                                          "images_per_sec", "peak_mib"))
-        lines.append(f"| {r['stage']} | {r['seconds']:.1f} | {rate} | "
-                     f"{'-' if r['peak_mib'] is None else r['peak_mib']} | {note} |")
+        rate = f"{r['sec_per_iter']:.3f} s/it" if "sec_per_iter" in r else f"{r['images_per_sec']:.1f} img/s"
+        note = ", ".join(
+            f"{k} {v}"
+            for k, v in r.items()
+            if k not in ("stage", "seconds", "sec_per_iter", "images_per_sec", "peak_mib")
+        )
+        lines.append(
+            f"| {r['stage']} | {r['seconds']:.1f} | {rate} | "
+            f"{'-' if r['peak_mib'] is None else r['peak_mib']} | {note} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -40,8 +40,9 @@ def main() -> None:
     target_path = ROOT / "models" / "probe" / "target_train_memory.h5"
     target_path.parent.mkdir(parents=True, exist_ok=True)
     detector, _ = checkpoint.load(ROOT / "models" / "source" / "model.pt")
-    extract_memory(detector, DetectionDataset(ROOT / "data/benchmark/target_train/annotations.json"), target_path,
-                   progress=False)
+    extract_memory(
+        detector, DetectionDataset(ROOT / "data/benchmark/target_train/annotations.json"), target_path, progress=False
+    )
     source = F.normalize(torch.as_tensor(np.asarray(open_memory(ROOT / "models/memory/full.h5").bg_features)), dim=1)
     target = F.normalize(torch.as_tensor(np.asarray(open_memory(target_path).bg_features)), dim=1)
     src_train = source[:-HELD_OUT]  # the held-out source rows are not used by the probe
@@ -60,7 +61,8 @@ def main() -> None:
             src = src_train[(tgt @ src_train.T).argmax(dim=1)]  # the nearest memory entry, as in training
             ls, lt = disc(src * scale), disc(tgt * scale)
             loss = F.binary_cross_entropy_with_logits(ls, torch.zeros_like(ls)) + F.binary_cross_entropy_with_logits(
-                lt, torch.ones_like(lt))
+                lt, torch.ones_like(lt)
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -69,10 +71,16 @@ def main() -> None:
                 with torch.no_grad():
                     near = src_train[(tgt_test @ src_train.T).argmax(dim=1)]
                     acc = 0.5 * float((disc(near * scale) < 0).float().mean()) + 0.5 * float(
-                        (disc(tgt_test * scale) > 0).float().mean())
+                        (disc(tgt_test * scale) > 0).float().mean()
+                    )
                 accuracy.append(round(acc, 3))
-        results.append({"scale": scale, "held_out_accuracy_every_100": accuracy,
-                        "mean_loss_per_100": [round(float(np.mean(losses[k:k + 100])), 3) for k in range(0, STEPS, 100)]})
+        results.append(
+            {
+                "scale": scale,
+                "held_out_accuracy_every_100": accuracy,
+                "mean_loss_per_100": [round(float(np.mean(losses[k : k + 100])), 3) for k in range(0, STEPS, 100)],
+            }
+        )
 
     doc = {"cosine_of_domain_means": round(cosine_of_means, 4), "steps": STEPS, "results": results}
     (out_dir / "bg_disc_probe.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -88,8 +96,10 @@ def main() -> None:
         "|---:|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['scale']:g} | {' / '.join(f'{v:.2f}' for v in r['mean_loss_per_100'])} "
-                     f"| {' / '.join(f'{v:.2f}' for v in r['held_out_accuracy_every_100'])} |")
+        lines.append(
+            f"| {r['scale']:g} | {' / '.join(f'{v:.2f}' for v in r['mean_loss_per_100'])} "
+            f"| {' / '.join(f'{v:.2f}' for v in r['held_out_accuracy_every_100'])} |"
+        )
     (out_dir / "bg_disc_probe.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -38,8 +38,10 @@ PHASES = {
     "pretrain": {
         "loop": [("detection/train.py", "train_detector")],
         "data (read, augment)": [("detection/train.py", "_augment"), ("data/coco.py", "__getitem__")],
-        "forward (backbone, RPN, ROI heads, losses)": [("detection/model.py", "forward"),
-                                                       ("detection/model.py", "supervised_losses")],
+        "forward (backbone, RPN, ROI heads, losses)": [
+            ("detection/model.py", "forward"),
+            ("detection/model.py", "supervised_losses"),
+        ],
         "backward": [("torch/_tensor.py", "backward")],
         "optimiser step": [("torch/optim/sgd.py", "step")],
         "checkpoint": [("detection/train.py", "save_state")],
@@ -92,8 +94,7 @@ def main(
             if not (data / split / "annotations.json").is_file():
                 raise VspaError(f"{data / split}: missing. Run `dvc repro prepare` first.")
         work = Path(tempfile.mkdtemp(prefix="vspa_profile_"))
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   PYTHONPATH=str(ROOT / "src"))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT / "src"))
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         for section in ("pretrain", "adapt", "extract_memory", "subsample", "evaluate"):
             params[section]["device"] = "cpu"
@@ -109,35 +110,99 @@ def main(
                 raise VspaError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
 
         try:
-            run("stages/train.py", ["--section", "pretrain", "--data", str(data / "source_train"), "--out", str(work / "source.pt"),
-                                       "--log", str(work / "pretrain.csv"), "--work-dir", str(work / "pw")],
-                work / "pretrain.prof")
-            run("stages/extract_memory.py", ["--model", str(work / "source.pt"), "--data", str(data / "source_train"),
-                                             "--out", str(work / "full.h5"), "--stats", str(work / "extract.json")])
-            run("stages/subsample.py", ["--memory", str(work / "full.h5"), "--out", str(work / "sub.h5"),
-                                        "--coverage", str(work / "coverage.json")])
-            run("stages/adapt.py", ["--name", "vspa", "--model", str(work / "source.pt"), "--source",
-                                    str(data / "source_train"), "--target", str(data / "target_train"), "--memory",
-                                    str(work / "sub.h5"), "--out", str(work / "adapt"), "--log-dir",
-                                    str(work / "adapt_logs")], work / "adapt.prof")
-            result = {"command": " ".join(["python benchmarks/profile_iteration.py", *sys.argv[1:]]),
-                      "threads": threads, "torch": torch.__version__,
-                      "machine": f"{platform.machine()} {os.cpu_count()} cores", "stages": {}}
+            run(
+                "stages/train.py",
+                [
+                    "--section",
+                    "pretrain",
+                    "--data",
+                    str(data / "source_train"),
+                    "--out",
+                    str(work / "source.pt"),
+                    "--log",
+                    str(work / "pretrain.csv"),
+                    "--work-dir",
+                    str(work / "pw"),
+                ],
+                work / "pretrain.prof",
+            )
+            run(
+                "stages/extract_memory.py",
+                [
+                    "--model",
+                    str(work / "source.pt"),
+                    "--data",
+                    str(data / "source_train"),
+                    "--out",
+                    str(work / "full.h5"),
+                    "--stats",
+                    str(work / "extract.json"),
+                ],
+            )
+            run(
+                "stages/subsample.py",
+                [
+                    "--memory",
+                    str(work / "full.h5"),
+                    "--out",
+                    str(work / "sub.h5"),
+                    "--coverage",
+                    str(work / "coverage.json"),
+                ],
+            )
+            run(
+                "stages/adapt.py",
+                [
+                    "--name",
+                    "vspa",
+                    "--model",
+                    str(work / "source.pt"),
+                    "--source",
+                    str(data / "source_train"),
+                    "--target",
+                    str(data / "target_train"),
+                    "--memory",
+                    str(work / "sub.h5"),
+                    "--out",
+                    str(work / "adapt"),
+                    "--log-dir",
+                    str(work / "adapt_logs"),
+                ],
+                work / "adapt.prof",
+            )
+            result = {
+                "command": " ".join(["python benchmarks/profile_iteration.py", *sys.argv[1:]]),
+                "threads": threads,
+                "torch": torch.__version__,
+                "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                "stages": {},
+            }
             for stage, its in (("pretrain", pretrain_iterations), ("adapt", adapt_iterations)):
                 times = phase_times(work / f"{stage}.prof", PHASES[stage])
                 loop = times.pop("loop")
-                result["stages"][stage] = {"iterations": its, "loop_s_per_it": loop / its,
-                                           "phases_s_per_it": {k: v / its for k, v in times.items()},
-                                           "phases_share": {k: v / loop for k, v in times.items()}}
+                result["stages"][stage] = {
+                    "iterations": its,
+                    "loop_s_per_it": loop / its,
+                    "phases_s_per_it": {k: v / its for k, v in times.items()},
+                    "phases_share": {k: v / loop for k, v in times.items()},
+                }
         finally:
             shutil.rmtree(work, ignore_errors=True)
         write_json_atomic(out / "iteration.json", result)
-        lines = [f"Profile of one training iteration (cProfile; `{result['command']}`; {result['machine']}, "
-                 f"{threads} thread(s), torch {result['torch']}). Phase = cumulative time of the listed functions "
-                 "(nested phases are not subtracted: the backbone passes are inside the student forward).", ""]
+        lines = [
+            f"Profile of one training iteration (cProfile; `{result['command']}`; {result['machine']}, "
+            f"{threads} thread(s), torch {result['torch']}). Phase = cumulative time of the listed functions "
+            "(nested phases are not subtracted: the backbone passes are inside the student forward).",
+            "",
+        ]
         for stage, r in result["stages"].items():
-            lines += [f"**{stage}** ({r['iterations']} iterations, {r['loop_s_per_it']:.3f} s per iteration of the "
-                      "loop under the profiler):", "", "| phase | s / iteration | share of the loop |", "|---|---:|---:|"]
+            lines += [
+                f"**{stage}** ({r['iterations']} iterations, {r['loop_s_per_it']:.3f} s per iteration of the "
+                "loop under the profiler):",
+                "",
+                "| phase | s / iteration | share of the loop |",
+                "|---|---:|---:|",
+            ]
             for phase, sec in sorted(r["phases_s_per_it"].items(), key=lambda kv: -kv[1]):
                 lines.append(f"| {phase} | {sec:.3f} | {100 * r['phases_share'][phase]:.0f}% |")
             lines.append("")

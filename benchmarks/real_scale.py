@@ -57,11 +57,12 @@ def measured(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=f, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", WRAPPER, *cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=f, text=True
+        )
         f.write(proc.stdout)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RUSAGE ")]
-    result = json.loads(line[-1][len("RUSAGE "):]) if line else {"rc": proc.returncode}
+    result = json.loads(line[-1][len("RUSAGE ") :]) if line else {"rc": proc.returncode}
     if proc.returncode or result.get("rc"):
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise VspaError(f"real-scale: `{' '.join(cmd)}` failed in {cwd} (see {log}):\n{tail}")
@@ -83,8 +84,10 @@ def mib(path: Path) -> float:
 def run_scenario(scenario: str, work: Path, iterations: int, threads: int, adapt_batch: int | None = None) -> dict:
     repo = project_copy(work / scenario)
     preset = load_preset(scenario)
-    batch = {"pretrain": int(preset["pretrain"]["batch_size"]),
-             "adapt": adapt_batch or int(preset["adapt"]["batch_size"])}
+    batch = {
+        "pretrain": int(preset["pretrain"]["batch_size"]),
+        "adapt": adapt_batch or int(preset["adapt"]["batch_size"]),
+    }
     data_root = write_fixture(scenario, repo / "datasets", per_split=max(batch.values()))
     backbone = preset["model"]["backbone"]
     weights = write_random_weights(backbone, repo / "weights" / f"{backbone}_random.pth")
@@ -95,44 +98,73 @@ def run_scenario(scenario: str, work: Path, iterations: int, threads: int, adapt
     if scenario == "sim10k_cityscapes":
         params["prepare"]["splits"]["source_test"]["sample"] = batch["pretrain"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(repo / "src"),
-               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(repo / "src"),
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+    )
     log = work / f"{scenario}.log"
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "bench@example.com"],
-                ["git", "config", "user.name", "bench"], ["dvc", "init", "-q"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "bench@example.com"],
+        ["git", "config", "user.name", "bench"],
+        ["dvc", "init", "-q"],
+    ):
         subprocess.run(cmd, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL)
     measured(["dvc", "repro", "prepare"], repo, env, log)
 
-    out = {"scenario": scenario, "backbone": backbone, "min_size": preset["model"]["min_size"],
-           "max_size": preset["model"]["max_size"], "batch": batch, "iterations": iterations, "threads": threads}
-    for stage, section, work_dir in (("pretrain", "pretrain", "models/source/work"),
-                                     ("adapt@vspa", "adapt", "models/adapt/vspa/work")):
+    out = {
+        "scenario": scenario,
+        "backbone": backbone,
+        "min_size": preset["model"]["min_size"],
+        "max_size": preset["model"]["max_size"],
+        "batch": batch,
+        "iterations": iterations,
+        "threads": threads,
+    }
+    for stage, section, work_dir in (
+        ("pretrain", "pretrain", "models/source/work"),
+        ("adapt@vspa", "adapt", "models/adapt/vspa/work"),
+    ):
         runs = {}
         for its in (1, iterations):
             set_params(repo, section, {"iterations": its})
             shutil.rmtree(repo / work_dir, ignore_errors=True)  # from scratch, not resumed
             runs[its] = measured(["dvc", "repro", "-s", stage], repo, env, log)
         per_it = (runs[iterations]["cpu_s"] - runs[1]["cpu_s"]) / (iterations - 1)
-        out[stage] = {"cpu_s_per_iteration": round(per_it, 2), "peak_rss_mib": round(runs[iterations]["maxrss_mib"]),
-                      "cpu_s_1_iteration_run": round(runs[1]["cpu_s"], 1),
-                      f"cpu_s_{iterations}_iteration_run": round(runs[iterations]["cpu_s"], 1)}
+        out[stage] = {
+            "cpu_s_per_iteration": round(per_it, 2),
+            "peak_rss_mib": round(runs[iterations]["maxrss_mib"]),
+            "cpu_s_1_iteration_run": round(runs[1]["cpu_s"], 1),
+            f"cpu_s_{iterations}_iteration_run": round(runs[iterations]["cpu_s"], 1),
+        }
         if stage == "pretrain":  # the memory stages need the source model
             extract = measured(["dvc", "repro", "-s", "extract_memory"], repo, env, log)
             stats = json.loads((repo / "reports" / "memory" / "extract.json").read_text())
             rows = int(stats["fg_rows"]) + int(stats["bg_rows"])
             seconds = float(stats.get("seconds") or stats["images"] / stats["images_per_s"])
-            out["extract_memory"] = {"images": stats["images"], "rows": rows, "seconds": round(seconds, 1),
-                                     "rows_per_s": round(rows / seconds, 1),
-                                     "images_per_s": round(float(stats["images_per_s"]), 2),
-                                     "peak_rss_mib": round(extract["maxrss_mib"])}
+            out["extract_memory"] = {
+                "images": stats["images"],
+                "rows": rows,
+                "seconds": round(seconds, 1),
+                "rows_per_s": round(rows / seconds, 1),
+                "images_per_s": round(float(stats["images_per_s"]), 2),
+                "peak_rss_mib": round(extract["maxrss_mib"]),
+            }
             measured(["dvc", "repro", "-s", "subsample"], repo, env, log)
-    out["checkpoint_mib"] = {"source model": mib(repo / "models/source/model.pt"),
-                             "adapted model": mib(repo / "models/adapt/vspa/model.pt"),
-                             "adapt resumable state": mib(repo / "models/adapt/vspa/work/last.pt")
-                             if (repo / "models/adapt/vspa/work/last.pt").is_file() else None,
-                             "memory (full)": mib(repo / "models/memory/full.h5"),
-                             "memory (subsampled)": mib(repo / "models/memory/subsampled.h5")}
+    out["checkpoint_mib"] = {
+        "source model": mib(repo / "models/source/model.pt"),
+        "adapted model": mib(repo / "models/adapt/vspa/model.pt"),
+        "adapt resumable state": mib(repo / "models/adapt/vspa/work/last.pt")
+        if (repo / "models/adapt/vspa/work/last.pt").is_file()
+        else None,
+        "memory (full)": mib(repo / "models/memory/full.h5"),
+        "memory (subsampled)": mib(repo / "models/memory/subsampled.h5"),
+    }
     return out
 
 
@@ -156,10 +188,15 @@ def render(results: list[dict], meta: dict) -> str:
             f"{r['batch']['pretrain']} / {r['batch']['adapt']}+{r['batch']['adapt']} | "
             f"{r['pretrain']['cpu_s_per_iteration']} | {r['pretrain']['peak_rss_mib']} | "
             f"{r['adapt@vspa']['cpu_s_per_iteration']} | {r['adapt@vspa']['peak_rss_mib']} | "
-            f"{e['rows_per_s']} ({e['images_per_s']}) | {r['checkpoint_mib']['source model']} |")
-    lines += ["", "Checkpoint and memory file sizes (MiB):", "",
-              "| scenario | " + " | ".join(results[0]["checkpoint_mib"]) + " |",
-              "|---|" + "---:|" * len(results[0]["checkpoint_mib"])]
+            f"{e['rows_per_s']} ({e['images_per_s']}) | {r['checkpoint_mib']['source model']} |"
+        )
+    lines += [
+        "",
+        "Checkpoint and memory file sizes (MiB):",
+        "",
+        "| scenario | " + " | ".join(results[0]["checkpoint_mib"]) + " |",
+        "|---|" + "---:|" * len(results[0]["checkpoint_mib"]),
+    ]
     for r in results:
         lines.append(f"| {r['scenario']} | " + " | ".join(str(v) for v in r["checkpoint_mib"].values()) + " |")
     return "\n".join(lines) + "\n"
@@ -169,8 +206,11 @@ def main(
     scenarios: str = typer.Option(",".join(SCENARIOS), help="Comma-separated real-data presets."),
     iterations: int = typer.Option(2, help="Iterations of the long run (>= 2); the short run has 1."),
     threads: int = typer.Option(1, help="Threads per process (OMP_NUM_THREADS / MKL_NUM_THREADS)."),
-    adapt_batch: int = typer.Option(None, help="Source (and target) images per adaptation iteration (default: the "
-                                    "preset's; on a 24 GB machine 4+4 at real size exceeds memory)."),
+    adapt_batch: int = typer.Option(
+        None,
+        help="Source (and target) images per adaptation iteration (default: the "
+        "preset's; on a 24 GB machine 4+4 at real size exceeds memory).",
+    ),
     out: Path = typer.Option(Path("reports/bench"), help="Folder of real_scale.{json,md}."),
     keep: Path = typer.Option(None, help="Keep the temporary repositories here (default: deleted)."),
 ) -> None:
@@ -194,9 +234,13 @@ def main(
         finally:
             if not keep:
                 shutil.rmtree(work, ignore_errors=True)
-        meta = {"command": " ".join(["python benchmarks/real_scale.py", *sys.argv[1:]]), "threads": threads,
-                "torch": torch.__version__, "wall_s": round(time.perf_counter() - start, 1),
-                "machine": f"{platform.machine()} {os.cpu_count()} cores, no GPU used"}
+        meta = {
+            "command": " ".join(["python benchmarks/real_scale.py", *sys.argv[1:]]),
+            "threads": threads,
+            "torch": torch.__version__,
+            "wall_s": round(time.perf_counter() - start, 1),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, no GPU used",
+        }
         write_json_atomic(out / "real_scale.json", {"meta": meta, "results": results})
         (out / "real_scale.partial.json").unlink(missing_ok=True)
         write_text_atomic(out / "real_scale.md", render(results, meta))

@@ -46,16 +46,28 @@ def _merge(base: dict, over: dict) -> dict:
 def smoke_params(scenario: str, data_root: Path, weights: Path, iterations: int, device: str) -> dict:
     """params.yaml of the smoke run: the scenario's composed params (conf/), the fixture, the random weights,
     and ``iterations`` per training stage at batch 1."""
-    train = {"iterations": iterations, "batch_size": 1, "warmup_iters": 1, "lr_steps": [], "checkpoint_every": 1,
-             "device": device}
+    train = {
+        "iterations": iterations,
+        "batch_size": 1,
+        "warmup_iters": 1,
+        "lr_steps": [],
+        "checkpoint_every": 1,
+        "device": device,
+    }
     over = {
         "scenario": scenario,
         "data": {"root": str(data_root)},
         "model": {"pretrained_weights": str(weights)},
         "pretrain": train,
         "oracle": train,
-        "adapt": {"iterations": iterations, "batch_size": 1, "checkpoint_every": 1, "refresh_every": 1, "tau": 0.0,
-                  "device": device},
+        "adapt": {
+            "iterations": iterations,
+            "batch_size": 1,
+            "checkpoint_every": 1,
+            "refresh_every": 1,
+            "tau": 0.0,
+            "device": device,
+        },
         "extract_memory": {"device": device},
         "subsample": {"device": device},
         "evaluate": {"batch_size": 1, "device": device},
@@ -84,12 +96,22 @@ def run_scenario(scenario: str, work: Path, iterations: int, device: str) -> dic
     fixture_seconds = time.perf_counter() - start
     params = smoke_params(scenario, data_root, weights, iterations, device)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(repo / "src"))
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(repo / "src"),
+    )
     log = work / f"{scenario}.log"
     with open(log, "w") as f:
-        for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "smoke@example.com"],
-                    ["git", "config", "user.name", "smoke"], ["dvc", "init", "-q"], ["dvc", "repro", "report"]):
+        for cmd in (
+            ["git", "init", "-q"],
+            ["git", "config", "user.email", "smoke@example.com"],
+            ["git", "config", "user.name", "smoke"],
+            ["dvc", "init", "-q"],
+            ["dvc", "repro", "report"],
+        ):
             proc = subprocess.run(cmd, cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT)
             if proc.returncode:
                 tail = "\n".join(log.read_text().splitlines()[-15:])
@@ -100,9 +122,15 @@ def run_scenario(scenario: str, work: Path, iterations: int, device: str) -> dic
         raise VspaError(f"smoke-real {scenario}: metrics missing for {missing or 'a row of the report'} (see {log}).")
     summary = json.loads((repo / "reports" / "data" / "summary.json").read_text())
     sizes = {split: s["images"] for split, s in summary["splits"].items()}
-    return {"scenario": scenario, "backbone": backbone, "iterations": iterations, "device": device,
-            "images": sizes, "fixture_seconds": round(fixture_seconds, 1),
-            "repro_seconds": round(time.perf_counter() - start - fixture_seconds, 1)}
+    return {
+        "scenario": scenario,
+        "backbone": backbone,
+        "iterations": iterations,
+        "device": device,
+        "images": sizes,
+        "fixture_seconds": round(fixture_seconds, 1),
+        "repro_seconds": round(time.perf_counter() - start - fixture_seconds, 1),
+    }
 
 
 def main(
@@ -127,12 +155,16 @@ def main(
             if not keep:
                 shutil.rmtree(work, ignore_errors=True)
         write_json_atomic(out / "smoke_real.json", results)
-        lines = ["| scenario | backbone | images per split | iterations per stage | fixture (s) | dvc repro report (s) |",
-                 "|---|---|---|---:|---:|---:|"]
+        lines = [
+            "| scenario | backbone | images per split | iterations per stage | fixture (s) | dvc repro report (s) |",
+            "|---|---|---|---:|---:|---:|",
+        ]
         for r in results:
-            lines.append(f"| {r['scenario']} | {r['backbone']} | "
-                         + ", ".join(f"{k} {v}" for k, v in r["images"].items())
-                         + f" | {r['iterations']} | {r['fixture_seconds']} | {r['repro_seconds']} |")
+            lines.append(
+                f"| {r['scenario']} | {r['backbone']} | "
+                + ", ".join(f"{k} {v}" for k, v in r["images"].items())
+                + f" | {r['iterations']} | {r['fixture_seconds']} | {r['repro_seconds']} |"
+            )
         write_text_atomic(out / "smoke_real.md", "\n".join(lines) + "\n")
         print("\n".join(lines))
 

@@ -29,8 +29,15 @@ sys.path.insert(0, str(ROOT / "src"))
 
 # name -> adapt overrides (on top of params.yaml's adapt section and the scenario preset); every key this
 # study varies is pinned, so a later change of a params.yaml default does not change a recorded variant
-PINNED = {"fg_boxes": "teacher", "bg_warmup": 0, "diag_every": 25, "margin": 1.5, "lambda_fg": 0.05,
-          "lambda_bg": 0.05, "tau": 0.8}
+PINNED = {
+    "fg_boxes": "teacher",
+    "bg_warmup": 0,
+    "diag_every": 25,
+    "margin": 1.5,
+    "lambda_fg": 0.05,
+    "lambda_bg": 0.05,
+    "tau": 0.8,
+}
 VARIANTS: dict[str, dict] = {
     "at_like": {**PINNED, "fg_mode": "off", "bg_mode": "off"},
     "vspa_paper": {**PINNED, "bg_form": "paper", "fg_negative": "random"},
@@ -42,8 +49,13 @@ VARIANTS: dict[str, dict] = {
     "bg_scaled4_both": {**PINNED, "bg_form": "scaled", "bg_scale": 4.0, "fg_negative": "both"},
     "bg_confusion4_both": {**PINNED, "bg_form": "confusion", "bg_scale": 4.0, "fg_negative": "both"},
     "bg_confusion4_random": {**PINNED, "bg_form": "confusion", "bg_scale": 4.0, "fg_negative": "random"},
-    "bg_confusion4_both_lbg0.01": {**PINNED, "bg_form": "confusion", "bg_scale": 4.0, "fg_negative": "both",
-                                   "lambda_bg": 0.01},
+    "bg_confusion4_both_lbg0.01": {
+        **PINNED,
+        "bg_form": "confusion",
+        "bg_scale": 4.0,
+        "fg_negative": "both",
+        "lambda_bg": 0.01,
+    },
     "paper_bg_both": {**PINNED, "bg_form": "paper", "fg_negative": "both"},
 }
 
@@ -62,8 +74,18 @@ def run_variant(name: str, overrides: dict, out_root: Path, seed: int) -> dict:
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     start = time.perf_counter()
-    cmd = [sys.executable, str(ROOT / "stages" / "adapt.py"), "--params", str(work / "params.yaml"),
-           "--name", f"tune_{name}".replace(".", "_"), "--out", str(work / "model"), "--log-dir", str(work / "logs")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "stages" / "adapt.py"),
+        "--params",
+        str(work / "params.yaml"),
+        "--name",
+        f"tune_{name}".replace(".", "_"),
+        "--out",
+        str(work / "model"),
+        "--log-dir",
+        str(work / "logs"),
+    ]
     with open(work / "adapt.log", "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode:  # e.g. diverged: recorded as a result, with the stage's last message
@@ -78,8 +100,9 @@ def evaluate_run(name: str, overrides: dict, seed: int, work: Path, seconds: flo
     from vspa.evaluation.runner import evaluate_model
 
     torch.set_num_threads(1)
-    metrics, _ = evaluate_model(work / "model" / "model.pt", ROOT / "data/benchmark/target_val", "cpu",
-                                batch_size=8, progress=False)
+    metrics, _ = evaluate_model(
+        work / "model" / "model.pt", ROOT / "data/benchmark/target_val", "cpu", batch_size=8, progress=False
+    )
     diag = json.loads((work / "logs" / "diagnostics.json").read_text())
     if "loss_bg" not in diag["second_half"]:  # runs made before the diagnostics had it: from the loss log
         import csv
@@ -89,8 +112,16 @@ def evaluate_run(name: str, overrides: dict, seed: int, work: Path, seconds: flo
         half = [float(r["loss_bg"]) for r in rows[len(rows) // 2 :]]
         diag["second_half"]["loss_bg"] = round(sum(half) / len(half), 4) if any(half) else None
     summary = json.loads((work / "logs" / "summary.json").read_text())
-    return {"name": name, "overrides": overrides, "seed": seed, "val_mAP": metrics["mAP"], "val_AP": metrics["AP"],
-            "adapt_seconds": None if seconds is None else round(seconds, 1), "sec_per_iter": summary["sec_per_iter"], "diagnostics": diag}
+    return {
+        "name": name,
+        "overrides": overrides,
+        "seed": seed,
+        "val_mAP": metrics["mAP"],
+        "val_AP": metrics["AP"],
+        "adapt_seconds": None if seconds is None else round(seconds, 1),
+        "sec_per_iter": summary["sec_per_iter"],
+        "diagnostics": diag,
+    }
 
 
 def markdown(results: list[dict]) -> str:
@@ -173,8 +204,11 @@ def main(
             ordered = sorted(results.values(), key=lambda r: (list(VARIANTS).index(r["name"]), r["seed"]))
             (out / "results.json").write_text(json.dumps(ordered, indent=2) + "\n")
             (out / "results.md").write_text(markdown(ordered))
-            print(f"{r['name']} seed {r['seed']}: " + (f"val mAP {r['val_mAP']:.1f} ({r['adapt_seconds']} s)"
-                  if "failed" not in r else r["failed"]), flush=True)
+            print(
+                f"{r['name']} seed {r['seed']}: "
+                + (f"val mAP {r['val_mAP']:.1f} ({r['adapt_seconds']} s)" if "failed" not in r else r["failed"]),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,9 @@ def adapt_section(params: dict, name: str, path: str = "params.yaml") -> dict:
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
     name: str = typer.Option("vspa", help="Run name: reads the optional override section adapt_<name>."),
-    model: Path = typer.Option(..., help="Source detector checkpoint (student's start); in dvc.yaml: "
-                               "models/source/model.pt."),
+    model: Path = typer.Option(
+        ..., help="Source detector checkpoint (student's start); in dvc.yaml: models/source/model.pt."
+    ),
     source: Path = typer.Option(..., help="Labelled source split folder; in dvc.yaml: data/benchmark/source_train."),
     target: Path = typer.Option(..., help="Unlabelled target split folder; in dvc.yaml: data/benchmark/target_train."),
     memory: Path = typer.Option(..., help="Memory file (read only if used); in dvc.yaml: models/memory/subsampled.h5."),

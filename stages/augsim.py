@@ -52,8 +52,12 @@ def build(cfg: dict, src: Path, augsim_out: Path, foggy_out: Path) -> dict:
                 src / source_split, aug_tmp / source_split, float(cfg["fraction"]), int(cfg["seed"])
             )
             summary["foggy"][target_split] = make_foggy(
-                aug_tmp / source_split, fog_tmp / target_split, float(cfg["fog_beta"]), float(cfg["fog_airlight"]),
-                source_label=str(augsim_out / source_split), **fog,
+                aug_tmp / source_split,
+                fog_tmp / target_split,
+                float(cfg["fog_beta"]),
+                float(cfg["fog_airlight"]),
+                source_label=str(augsim_out / source_split),
+                **fog,
             )
         for variant in CHANGED_VARIANTS:
             counts = make_variant_set(src / "source_train", aug_tmp / "pairing" / variant, variant)
@@ -86,13 +90,15 @@ def examples_figure(original: Path, variants: Path, out: Path, count: int = 3) -
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
     src: Path = typer.Option(..., help="Folder with source_train/ and source_test/; in dvc.yaml: data/benchmark."),
-    augsim_out: Path = typer.Option(..., help="Output: AugSim splits and pairing/ variant sets; in dvc.yaml: "
-                                    "data/augsim."),
+    augsim_out: Path = typer.Option(
+        ..., help="Output: AugSim splits and pairing/ variant sets; in dvc.yaml: data/augsim."
+    ),
     foggy_out: Path = typer.Option(..., help="Output: FoggyAugSim target splits; in dvc.yaml: data/foggy_augsim."),
     summary: Path = typer.Option(..., help="Output: counts per variant; in dvc.yaml: reports/augsim/summary.json."),
     examples: Path = typer.Option(
-        ..., help="Output: original / colour / colour+flip / flip of a few images; in dvc.yaml: "
-        "reports/augsim/examples.png."
+        ...,
+        help="Output: original / colour / colour+flip / flip of a few images; in dvc.yaml: "
+        "reports/augsim/examples.png.",
     ),
 ) -> None:
     def body() -> None:

@@ -60,8 +60,18 @@ def summarize(runs: dict[str, dict[int, float]]) -> list[dict]:
         n = len(values)
         mean = sum(values) / n if n else None
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else (0.0 if n else None)
-        rows.append({"mode": mode, "label": LABELS[mode], "mean": mean, "std": std, "n": n,
-                     "seeds": sorted(runs[mode]), "values": values, "paper": PAPER_MAP.get(mode)})
+        rows.append(
+            {
+                "mode": mode,
+                "label": LABELS[mode],
+                "mean": mean,
+                "std": std,
+                "n": n,
+                "seeds": sorted(runs[mode]),
+                "values": values,
+                "paper": PAPER_MAP.get(mode),
+            }
+        )
     return rows
 
 
@@ -104,11 +114,22 @@ def bar_plot(rows: list[dict], path: Path, baseline: float | None = None) -> Non
     present = [r for r in rows if r["n"]]
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     xs = range(len(present))
-    bars = ax.bar(xs, [r["mean"] for r in present], yerr=[r["std"] for r in present], capsize=6,
-                  color=["#2b6cb0", "#dd6b20", "#38a169", "#805ad5"][: len(present)])
+    bars = ax.bar(
+        xs,
+        [r["mean"] for r in present],
+        yerr=[r["std"] for r in present],
+        capsize=6,
+        color=["#2b6cb0", "#dd6b20", "#38a169", "#805ad5"][: len(present)],
+    )
     for bar, r in zip(bars, present):
-        ax.annotate(f"{r['mean']:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height() + r["std"]),
-                    xytext=(0, 4), textcoords="offset points", ha="center", fontsize=9)
+        ax.annotate(
+            f"{r['mean']:.1f}",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height() + r["std"]),
+            xytext=(0, 4),
+            textcoords="offset points",
+            ha="center",
+            fontsize=9,
+        )
     ax.set_xticks(list(xs), [f"{r['label']}\n(n={r['n']})" for r in present], fontsize=8)
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label=f"source only ({baseline:.1f})")
@@ -127,10 +148,12 @@ def bar_plot(rows: list[dict], path: Path, baseline: float | None = None) -> Non
 
 
 def main(
-    metrics_dir: Path = typer.Option(..., help="Folder of augsim_<mode>_s<seed>.json; in dvc.yaml: "
-                                     "reports/augsim/metrics."),
-    out_dir: Path = typer.Option(..., help="Output folder: table.md, results.json, bar.png; in dvc.yaml: "
-                                 "reports/augsim."),
+    metrics_dir: Path = typer.Option(
+        ..., help="Folder of augsim_<mode>_s<seed>.json; in dvc.yaml: reports/augsim/metrics."
+    ),
+    out_dir: Path = typer.Option(
+        ..., help="Output folder: table.md, results.json, bar.png; in dvc.yaml: reports/augsim."
+    ),
     baseline: str = typer.Option("augsim_source_only", help="Metrics name of the source-only reference (optional)."),
 ) -> None:
     def body() -> None:

@@ -31,22 +31,25 @@ def main(
     name: str = typer.Option("source_on_target", help="Output name: <metrics-dir>/<name>.json."),
     metrics_dir: Path = typer.Option(..., help="Folder of the metrics JSON; in dvc.yaml: reports/metrics."),
     plots_dir: Path = typer.Option(..., help="Folder of the PR-curve CSV; in dvc.yaml: reports/plots/pr."),
-    info_dir: Path = typer.Option(None, help="Folder of <name>.json with the counts and provenance "
-                                  "(default: <metrics-dir>/info)."),
+    info_dir: Path = typer.Option(
+        None, help="Folder of <name>.json with the counts and provenance (default: <metrics-dir>/info)."
+    ),
 ) -> None:
     def body() -> None:
         section = stage_config(params, "evaluate")["evaluate"]
         cfg = parse_section(EvalConfig, section, "evaluate", params)
         if not name or "/" in name or name.startswith("."):
             raise VspaError(f"--name '{name}': use a plain file name such as source_on_target.")
-        metrics, curves = evaluate_model(model, data, get_device(cfg.device), cfg.batch_size, cfg.iou,
-                                         subsets=cfg.subsets)
+        metrics, curves = evaluate_model(
+            model, data, get_device(cfg.device), cfg.batch_size, cfg.iou, subsets=cfg.subsets
+        )
         results, info = split_metrics(metrics)
         write_pr_csv(plots_dir / f"{name}.csv", curves, max_points=PR_MAX_POINTS)
         info_folder = Path(info_dir) if isinstance(info_dir, (str, Path)) else Path(metrics_dir) / "info"  # also when
         # main() is called as a function (tests), where an omitted option is typer's OptionInfo
-        write_json_atomic(info_folder / f"{name}.json",
-                          {"name": name, "checkpoint": str(model), "data": str(data), **info})
+        write_json_atomic(
+            info_folder / f"{name}.json", {"name": name, "checkpoint": str(model), "data": str(data), **info}
+        )
         write_json_atomic(metrics_dir / f"{name}.json", results)
         ap = ", ".join(f"{c} {'-' if v is None else f'{v:.1f}'}" for c, v in metrics["AP"].items())
         m, iou = metrics["mAP"], cfg.iou

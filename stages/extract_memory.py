@@ -23,8 +23,9 @@ from vspa.utils import VspaError, get_device, run_stage, sha256_file, write_json
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
     model: Path = typer.Option(..., help="Source detector checkpoint; in dvc.yaml: models/source/model.pt."),
-    data: Path = typer.Option(..., help="Labelled source split (annotations.json); in dvc.yaml: "
-                              "data/benchmark/source_train."),
+    data: Path = typer.Option(
+        ..., help="Labelled source split (annotations.json); in dvc.yaml: data/benchmark/source_train."
+    ),
     out: Path = typer.Option(..., help="Output memory file; in dvc.yaml: models/memory/full.h5."),
     stats: Path = typer.Option(..., help="Output extraction statistics; in dvc.yaml: reports/memory/extract.json."),
 ) -> None:

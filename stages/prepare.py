@@ -65,24 +65,36 @@ def import_coco(cfg: dict, scenario: str, out: Path, params_path: str, final_out
         annotations, per_class = [], {name: 0 for name in data.categories}
         for img in data.images:
             for ann in data.annotations_by_image[img["id"]]:
-                annotations.append({
-                    "id": ann["id"],
-                    "image_id": ann["image_id"],
-                    "category_id": ann["category_id"],
-                    "bbox": [float(v) for v in ann["bbox"]],
-                    "area": float(ann.get("area", ann["bbox"][2] * ann["bbox"][3])),
-                    "iscrowd": int(ann.get("iscrowd", 0)),
-                    "object_id": code * OBJECT_ID_SPLIT_STRIDE + len(annotations),
-                    **({"attributes": ann["attributes"]} if isinstance(ann.get("attributes"), dict) else {}),
-                })
+                annotations.append(
+                    {
+                        "id": ann["id"],
+                        "image_id": ann["image_id"],
+                        "category_id": ann["category_id"],
+                        "bbox": [float(v) for v in ann["bbox"]],
+                        "area": float(ann.get("area", ann["bbox"][2] * ann["bbox"][3])),
+                        "iscrowd": int(ann.get("iscrowd", 0)),
+                        "object_id": code * OBJECT_ID_SPLIT_STRIDE + len(annotations),
+                        **({"attributes": ann["attributes"]} if isinstance(ann.get("attributes"), dict) else {}),
+                    }
+                )
                 if not ann.get("iscrowd", 0):
                     per_class[data.categories[data.cat_id_to_label[ann["category_id"]] - 1]] += 1
         domain, part = split.split("_")
-        info = {"scenario": scenario, "domain": domain, "split": part, "generator": IMPORTER,
-                "source_json": str(data.json_path), "source_sha256": dataset_sha256(data.json_path)}
+        info = {
+            "scenario": scenario,
+            "domain": domain,
+            "split": part,
+            "generator": IMPORTER,
+            "source_json": str(data.json_path),
+            "source_sha256": dataset_sha256(data.json_path),
+        }
         write_coco(out / split / "annotations.json", images, annotations, data.category_records, info, image_root)
-        summary["splits"][split] = {"images": len(images), "objects": sum(per_class.values()), "per_class": per_class,
-                                    "crowd_regions": sum(a["iscrowd"] for a in annotations)}
+        summary["splits"][split] = {
+            "images": len(images),
+            "objects": sum(per_class.values()),
+            "per_class": per_class,
+            "crowd_regions": sum(a["iscrowd"] for a in annotations),
+        }
     return summary
 
 
@@ -129,7 +141,9 @@ def main(
 ) -> None:
     """Generate the embedded benchmark or import COCO-format splits into --out."""
     result = run_stage(prepare, params, out, summary, workers)
-    counts = ", ".join(f"{s}: {v.get('images')} images / {v.get('objects')} objects" for s, v in result["splits"].items())
+    counts = ", ".join(
+        f"{s}: {v.get('images')} images / {v.get('objects')} objects" for s, v in result["splits"].items()
+    )
     typer.echo(f"prepare ({result['source']}, {result['scenario']}): {counts}; {result['seconds']} s -> {out}")
 
 

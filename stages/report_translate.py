@@ -19,8 +19,9 @@ from vspa.utils import VspaError, run_stage, write_json_atomic, write_text_atomi
 def main(
     seeds: str = typer.Option("0,1,2", help="Comma-separated translator seeds."),
     metrics_dir: Path = typer.Option(..., help="Folder of the metrics JSON files; in dvc.yaml: reports/metrics."),
-    diagnostics_dir: Path = typer.Option(..., help="Folder of seed<S>/<variant>_diagnostics.json; in dvc.yaml: "
-                                         "reports/translate."),
+    diagnostics_dir: Path = typer.Option(
+        ..., help="Folder of seed<S>/<variant>_diagnostics.json; in dvc.yaml: reports/translate."
+    ),
     out: Path = typer.Option(..., help="Markdown; in dvc.yaml: reports/translate/seeds.md."),
     json_out: Path = typer.Option(..., help="The summary as JSON; in dvc.yaml: reports/translate/seeds.json."),
 ) -> None:

@@ -24,8 +24,11 @@ WHAT = {"pretrain": "source-only training", "oracle": "oracle training on labell
 def main(
     section: str = typer.Option(..., help="Params section of the run: pretrain (source detector) or oracle."),
     params: str = typer.Option("params.yaml", help="Params file."),
-    data: Path = typer.Option(..., help="Labelled split folder (annotations.json); in dvc.yaml: "
-                              "data/benchmark/source_train (pretrain), data/benchmark/target_train (oracle)."),
+    data: Path = typer.Option(
+        ...,
+        help="Labelled split folder (annotations.json); in dvc.yaml: "
+        "data/benchmark/source_train (pretrain), data/benchmark/target_train (oracle).",
+    ),
     out: Path = typer.Option(..., help="Output detector checkpoint; in dvc.yaml: models/<source|oracle>/model.pt."),
     log: Path = typer.Option(..., help="Output loss log (CSV); in dvc.yaml: reports/<section>/losses.csv."),
     work_dir: Path = typer.Option(..., help="Resumable training state; in dvc.yaml: models/<source|oracle>/work."),

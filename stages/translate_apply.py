@@ -23,18 +23,21 @@ def main(
     params: str = typer.Option("params.yaml", help="Params file."),
     variant: Optional[str] = typer.Option(None, help="cut | attention | attention_lg (default: translate.variant)."),
     data: Path = typer.Option(..., help="Split to translate; in dvc.yaml: data/benchmark/target_test."),
-    models_dir: Path = typer.Option(..., help="The translator is <models-dir>/<variant>/model.pt; in dvc.yaml: "
-                                    "models/translator."),
-    out_dir: Path = typer.Option(..., help="Output: <out-dir>/<variant>/<name of --data>; in dvc.yaml: "
-                                 "data/translated."),
+    models_dir: Path = typer.Option(
+        ..., help="The translator is <models-dir>/<variant>/model.pt; in dvc.yaml: models/translator."
+    ),
+    out_dir: Path = typer.Option(
+        ..., help="Output: <out-dir>/<variant>/<name of --data>; in dvc.yaml: data/translated."
+    ),
 ) -> None:
     def body() -> None:
         cfg = stage_config(params, "translate")["translate"]
         name = variant or cfg.get("variant") or DEFAULT_VARIANT
         if "/" in name or name.startswith("."):
             raise VspaError(f"--variant '{name}': use cut, attention or attention_lg.")
-        summary = translate_split(models_dir / name / "model.pt", data, out_dir / name / data.name,
-                                  get_device(cfg.get("device") or "auto"))
+        summary = translate_split(
+            models_dir / name / "model.pt", data, out_dir / name / data.name, get_device(cfg.get("device") or "auto")
+        )
         typer.echo(f"translate_apply {name}: {summary['images']} images -> {summary['out_dir']}")
 
     run_stage(body)

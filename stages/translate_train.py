@@ -28,13 +28,16 @@ def main(
     params: str = typer.Option("params.yaml", help="Params file."),
     variant: Optional[str] = typer.Option(None, help="cut | attention | attention_lg (default: translate.variant)."),
     seed: Optional[int] = typer.Option(None, help="Overrides translate.seed (dvc.yaml runs seeds 0-2 per variant)."),
-    target: Path = typer.Option(..., help="Target split (images to translate); in dvc.yaml: "
-                                "data/benchmark/target_train."),
-    source: Path = typer.Option(..., help="Source split (the style to reach); in dvc.yaml: "
-                                "data/benchmark/source_train."),
+    target: Path = typer.Option(
+        ..., help="Target split (images to translate); in dvc.yaml: data/benchmark/target_train."
+    ),
+    source: Path = typer.Option(
+        ..., help="Source split (the style to reach); in dvc.yaml: data/benchmark/source_train."
+    ),
     out_dir: Path = typer.Option(..., help="Models go to <out-dir>/<variant>/; in dvc.yaml: models/translator."),
-    reports_dir: Path = typer.Option(..., help="Loss CSV, grid PNG and diagnostics JSON folder; in dvc.yaml: "
-                                     "reports/translate."),
+    reports_dir: Path = typer.Option(
+        ..., help="Loss CSV, grid PNG and diagnostics JSON folder; in dvc.yaml: reports/translate."
+    ),
 ) -> None:
     def body() -> None:
         section = dict(stage_config(params, "translate")["translate"])
@@ -45,14 +48,21 @@ def main(
         cfg = TranslateConfig.from_params(section, "translate", params)
         model_dir = out_dir / cfg.variant
         summary = train_translator(
-            cfg, target, source, model_dir / "model.pt", model_dir / "train_state.pt",
-            reports_dir / f"{cfg.variant}_losses.csv", reports_dir / f"{cfg.variant}_grid.png",
+            cfg,
+            target,
+            source,
+            model_dir / "model.pt",
+            model_dir / "train_state.pt",
+            reports_dir / f"{cfg.variant}_losses.csv",
+            reports_dir / f"{cfg.variant}_grid.png",
             reports_dir / f"{cfg.variant}_diagnostics.json",
         )
         sec = summary["seconds_per_iteration"]
-        typer.echo(f"translate_train {cfg.variant}: {summary['iterations']} iterations (resumed from "
-                   f"{summary['resumed_from']}), fastest iteration {'-' if sec is None else f'{sec:.3f} s'}; "
-                   f"wrote {model_dir / 'model.pt'}")
+        typer.echo(
+            f"translate_train {cfg.variant}: {summary['iterations']} iterations (resumed from "
+            f"{summary['resumed_from']}), fastest iteration {'-' if sec is None else f'{sec:.3f} s'}; "
+            f"wrote {model_dir / 'model.pt'}"
+        )
 
     run_stage(body)
 

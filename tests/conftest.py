@@ -17,8 +17,18 @@ def tiny_benchmark(tmp_path_factory) -> Path:
     from vspa.data.synth import generate_benchmark
 
     out = tmp_path_factory.mktemp("tiny_benchmark")
-    generate_benchmark(out, "synth_fog", TINY_SIZES, seed=0, height=TINY_HEIGHT, width=TINY_WIDTH, fog_beta=0.04,
-                       fog_airlight=0.8, workers=1, progress=False)
+    generate_benchmark(
+        out,
+        "synth_fog",
+        TINY_SIZES,
+        seed=0,
+        height=TINY_HEIGHT,
+        width=TINY_WIDTH,
+        fog_beta=0.04,
+        fog_airlight=0.8,
+        workers=1,
+        progress=False,
+    )
     return out
 
 

@@ -39,14 +39,34 @@ def pairing_inputs(tiny_benchmark, tmp_path_factory):
         make_variant_set(original, root / "pairing" / variant, variant)
     make_foggy(root / "augsim", root / "foggy", beta=0.04, airlight=0.8)
     untrained_source_and_memory(root / "augsim" / "annotations.json", root, TINY_MODEL, "random", 1.0)
-    return {"root": root, "original": original, "variants": root / "pairing", "source": root / "augsim",
-            "target": root / "foggy", "model": root / "source.pt", "memory": root / "memory.h5"}
+    return {
+        "root": root,
+        "original": original,
+        "variants": root / "pairing",
+        "source": root / "augsim",
+        "target": root / "foggy",
+        "model": root / "source.pt",
+        "memory": root / "memory.h5",
+    }
 
 
 def pairing_cfg(inputs, **over) -> AdaptConfig:
-    values = dict(iterations=2, batch_size=2, lr=0.01, tau=0.0, ema_keep=0.9, device="cpu", checkpoint_every=2,
-                  refresh_every=0, lambda_img=0.0, bg_mode="off", source_strong=False, fg_mode="pairing",
-                  pairing_original=str(inputs["original"]), pairing_variants=str(inputs["variants"]))
+    values = dict(
+        iterations=2,
+        batch_size=2,
+        lr=0.01,
+        tau=0.0,
+        ema_keep=0.9,
+        device="cpu",
+        checkpoint_every=2,
+        refresh_every=0,
+        lambda_img=0.0,
+        bg_mode="off",
+        source_strong=False,
+        fg_mode="pairing",
+        pairing_original=str(inputs["original"]),
+        pairing_variants=str(inputs["variants"]),
+    )
     return AdaptConfig.from_params({**values, **over})
 
 
@@ -192,7 +212,7 @@ def test_resume_restores_the_refreshed_pairing_bank(pairing_inputs, tmp_path):
     assert state["iteration"] == 2 and state["pairing"]["mode"] == "flip"
     # the bank in the state is the one embedded at the refresh by the student of iteration 2
     student, _ = checkpoint.load(pairing_inputs["model"])
-    student.load_state_dict({k[len("detector."):]: v for k, v in state["step"].items() if k.startswith("detector.")})
+    student.load_state_dict({k[len("detector.") :]: v for k, v in state["step"].items() if k.startswith("detector.")})
     cfg = pairing_cfg(pairing_inputs, **over)
     table = build_pairing_table(cfg, pairing_inputs["target"])
     refreshed = PairingBank.extract(student, table, "flip", progress=False)

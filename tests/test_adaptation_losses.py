@@ -181,8 +181,11 @@ def test_filter_pseudo_labels_hand_made():
             "labels": torch.tensor([1, 2, 3]),
             "scores": torch.tensor([0.9, 0.8, 0.79]),
         },
-        {"boxes": torch.tensor([[2, 2, 4, 4]], dtype=torch.float32), "labels": torch.tensor([2]),
-         "scores": torch.tensor([0.3])},
+        {
+            "boxes": torch.tensor([[2, 2, 4, 4]], dtype=torch.float32),
+            "labels": torch.tensor([2]),
+            "scores": torch.tensor([0.3]),
+        },
     ]
     out = filter_pseudo_labels(dets, tau=0.8)
     assert out[0]["labels"].tolist() == [1, 2]  # 0.8 is kept (>=), 0.79 is not

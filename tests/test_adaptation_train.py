@@ -32,8 +32,9 @@ from vspa.memory.store import MemoryBank
 from vspa.utils import VspaError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = dict(backbone="small", small_width=8, min_size=64, max_size=128, anchor_sizes=[16, 32, 64],
-                  box_detections_per_img=8)
+TINY_MODEL = dict(
+    backbone="small", small_width=8, min_size=64, max_size=128, anchor_sizes=[16, 32, 64], box_detections_per_img=8
+)
 
 
 def make_bank(labels: list[int], num_classes: int, dim: int = 16, n_bg: int = 5, seed: int = 0) -> MemoryBank:
@@ -93,14 +94,16 @@ def test_memory_negative_is_never_of_the_positive_class():
 
 def test_single_class_negatives_come_from_the_background_memory():
     bank = make_bank([1, 1, 1], 1)
-    t = memory_triplets(Retriever(bank), torch.randn(50, 16), torch.ones(50, dtype=torch.long), 1,
-                        torch.Generator().manual_seed(0))
+    t = memory_triplets(
+        Retriever(bank), torch.randn(50, 16), torch.ones(50, dtype=torch.long), 1, torch.Generator().manual_seed(0)
+    )
     rows = row_of(t.negative, bank.bg_features)
     assert len(rows.unique()) > 1
     aligner = ForegroundAligner("prototype")
     aligner.set_memory(bank, "cpu")
-    tp = aligner.triplets(torch.randn(20, 16), torch.ones(20, dtype=torch.long), torch.Generator().manual_seed(0),
-                          Retriever(bank))
+    tp = aligner.triplets(
+        torch.randn(20, 16), torch.ones(20, dtype=torch.long), torch.Generator().manual_seed(0), Retriever(bank)
+    )
     row_of(tp.negative, bank.bg_features)  # asserts every negative is a background row
 
 
@@ -171,8 +174,9 @@ def test_config_defaults_errors_and_override_section():
         AdaptConfig.from_params({"iterations": 5, "batch_size": 2, "lr": 0.01, "fg_mode": "memroy"})
     with pytest.raises(VspaError, match="adapt.iterations is not set"):
         AdaptConfig.from_params({"batch_size": 2, "lr": 0.01})
-    at_like = AdaptConfig.from_params({"iterations": 5, "batch_size": 2, "lr": 0.01, "fg_mode": "off",
-                                       "bg_mode": "off"})
+    at_like = AdaptConfig.from_params(
+        {"iterations": 5, "batch_size": 2, "lr": 0.01, "fg_mode": "off", "bg_mode": "off"}
+    )
     assert not at_like.needs_memory
     # `-S adapt_vspa.bg_mode=off` is written unquoted, and YAML 1.1 reads it back as false: still "off"
     unquoted = AdaptConfig.from_params(yaml.safe_load("iterations: 5\nbatch_size: 2\nlr: 0.01\nbg_mode: off\n"))
@@ -180,8 +184,11 @@ def test_config_defaults_errors_and_override_section():
     sys.path.insert(0, str(ROOT / "stages"))
     from adapt import adapt_section
 
-    params = {"scenario": "synth_fog", "adapt": {"iterations": 9, "lambda_fg": 0.05},
-              "adapt_at_like": {"fg_mode": "off", "lambda_fg": None}}
+    params = {
+        "scenario": "synth_fog",
+        "adapt": {"iterations": 9, "lambda_fg": 0.05},
+        "adapt_at_like": {"fg_mode": "off", "lambda_fg": None},
+    }
     merged = adapt_section(params, "at_like")
     assert merged["fg_mode"] == "off" and merged["lambda_fg"] == 0.05 and merged["iterations"] == 9
     plain = adapt_section(params, "vspa")  # no section adapt_vspa: adapt as it is
@@ -207,8 +214,17 @@ def run_adapt(inputs, work: Path, target=None, **over):
 
     bench = inputs["bench"]
     src_json, tgt_json = bench / "source_train" / "annotations.json", bench / "target_train" / "annotations.json"
-    values = dict(iterations=4, batch_size=2, lr=0.01, tau=0.0, ema_keep=0.9, device="cpu", checkpoint_every=2,
-                  refresh_every=2, lambda_img=0.1)
+    values = dict(
+        iterations=4,
+        batch_size=2,
+        lr=0.01,
+        tau=0.0,
+        ema_keep=0.9,
+        device="cpu",
+        checkpoint_every=2,
+        refresh_every=2,
+        lambda_img=0.1,
+    )
     cfg = AdaptConfig.from_params({**values, **over})
     student, _ = checkpoint.load(inputs["model"])
     torch.manual_seed(cfg.seed)
@@ -260,9 +276,17 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_inputs, tmp_path):
 def test_variants_run(tiny_inputs, tmp_path, fg_mode, align_view):
     torch.set_num_threads(1)
     memory = tiny_inputs["memory"] if fg_mode == "prototype" else None  # the others must not need one
-    _, _, summary = run_adapt({**tiny_inputs, "memory": memory}, tmp_path, iterations=1, fg_mode=fg_mode,
-                              bg_mode="off", refresh_every=0, lambda_img=0.0, source_strong=False,
-                              align_view=align_view)
+    _, _, summary = run_adapt(
+        {**tiny_inputs, "memory": memory},
+        tmp_path,
+        iterations=1,
+        fg_mode=fg_mode,
+        bg_mode="off",
+        refresh_every=0,
+        lambda_img=0.0,
+        source_strong=False,
+        align_view=align_view,
+    )
     rows = read_rows(tmp_path / "losses.csv")
     assert (float(rows[0]["loss_fg"]) > 0) == (fg_mode != "off")
     assert float(rows[0]["loss_bg"]) == 0 and float(rows[0]["loss_img"]) == 0
@@ -274,15 +298,28 @@ def write_params(path: Path, **adapt_over) -> None:
     import yaml
 
     adapt = dict(iterations=2, batch_size=2, lr=0.01, tau=0.0, ema_keep=0.9, device="cpu", checkpoint_every=1)
-    path.write_text(yaml.safe_dump({"scenario": "synth_fog", "adapt": {**adapt, **adapt_over},
-                                    "adapt_at_like": {"fg_mode": "off", "bg_mode": "off"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "scenario": "synth_fog",
+                "adapt": {**adapt, **adapt_over},
+                "adapt_at_like": {"fg_mode": "off", "bg_mode": "off"},
+            }
+        )
+    )
 
 
 def run_stage(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "adapt.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "adapt.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_stage_end_to_end_writes_an_evaluable_teacher(tiny_inputs, tmp_path):
@@ -291,10 +328,21 @@ def test_stage_end_to_end_writes_an_evaluable_teacher(tiny_inputs, tmp_path):
 
     bench = tiny_inputs["bench"]
     write_params(tmp_path / "params.yaml")
-    common = ["--params", "params.yaml", "--model", str(tiny_inputs["model"]), "--source", str(bench / "source_train"),
-              "--target", str(bench / "target_train"), "--memory", str(tiny_inputs["memory"])]
-    proc = run_stage([*common, "--name", "vspa", "--out", "models/adapt/vspa", "--log-dir", "reports/adapt/vspa"],
-                     tmp_path)
+    common = [
+        "--params",
+        "params.yaml",
+        "--model",
+        str(tiny_inputs["model"]),
+        "--source",
+        str(bench / "source_train"),
+        "--target",
+        str(bench / "target_train"),
+        "--memory",
+        str(tiny_inputs["memory"]),
+    ]
+    proc = run_stage(
+        [*common, "--name", "vspa", "--out", "models/adapt/vspa", "--log-dir", "reports/adapt/vspa"], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = tmp_path / "models" / "adapt" / "vspa" / "model.pt"
     detector, meta = checkpoint.load(model)
@@ -311,8 +359,19 @@ def test_stage_end_to_end_writes_an_evaluable_teacher(tiny_inputs, tmp_path):
     assert summary["iterations"] == 2 and summary["align_sec_per_iter"] > 0
 
     # the full method with a missing memory file: one line naming the file, exit status 2
-    proc = run_stage([*common[:-1], str(tmp_path / "absent.h5"), "--name", "vspa2", "--out", "models/adapt/vspa2",
-                      "--log-dir", "reports/adapt/vspa2"], tmp_path)
+    proc = run_stage(
+        [
+            *common[:-1],
+            str(tmp_path / "absent.h5"),
+            "--name",
+            "vspa2",
+            "--out",
+            "models/adapt/vspa2",
+            "--log-dir",
+            "reports/adapt/vspa2",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 2
     assert "absent.h5: memory file not found" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -337,14 +396,24 @@ WORKER = textwrap.dedent(
 def test_two_processes_adapt_in_sync(tiny_inputs, tmp_path):
     script = tmp_path / "worker.py"
     work = tmp_path / "work"
-    script.write_text(WORKER.format(tests=str(ROOT / "tests"), bench=str(tiny_inputs["bench"]),
-                                    model=str(tiny_inputs["model"]), memory=str(tiny_inputs["memory"]),
-                                    work=str(work), out=str(tmp_path)))
+    script.write_text(
+        WORKER.format(
+            tests=str(ROOT / "tests"),
+            bench=str(tiny_inputs["bench"]),
+            model=str(tiny_inputs["model"]),
+            memory=str(tiny_inputs["memory"]),
+            work=str(work),
+            out=str(tmp_path),
+        )
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")

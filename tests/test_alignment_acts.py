@@ -56,9 +56,14 @@ def train_background_discriminator(bg_form: str, steps: int = 300, dim: int = 10
     step = StudentStep(Det(), cfg)
     memory_src, _ = shifted_sets(256, dim, seed=1)
     bank = MemoryBank(
-        fg_features=np.zeros((2, dim), np.float32), fg_labels=np.array([1, 2]), fg_image_ids=np.arange(2),
-        fg_object_ids=np.arange(2), fg_boxes=np.zeros((2, 4), np.float32), bg_features=memory_src.numpy(),
-        bg_image_ids=np.arange(256), attrs={"class_names": ["a", "b"]},
+        fg_features=np.zeros((2, dim), np.float32),
+        fg_labels=np.array([1, 2]),
+        fg_image_ids=np.arange(2),
+        fg_object_ids=np.arange(2),
+        fg_boxes=np.zeros((2, 4), np.float32),
+        bg_features=memory_src.numpy(),
+        bg_image_ids=np.arange(256),
+        attrs={"class_names": ["a", "b"]},
     )
     retriever = Retriever(bank)
     optimizer = torch.optim.SGD(step.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -124,7 +129,9 @@ def test_background_warmup_ramps_the_reversed_gradient():
     class Det(torch.nn.Module):
         embed_dim, feature_channels = 16, 8
 
-    cfg = AdaptConfig(iterations=10, batch_size=2, lr=0.01, lambda_bg=0.2, bg_form="confusion", bg_warmup=4, bg_scale=2.5)
+    cfg = AdaptConfig(
+        iterations=10, batch_size=2, lr=0.01, lambda_bg=0.2, bg_form="confusion", bg_warmup=4, bg_scale=2.5
+    )
     step = StudentStep(Det(), cfg)
     got = []
     for it in (0, 1, 2, 4, 9):
@@ -132,8 +139,9 @@ def test_background_warmup_ramps_the_reversed_gradient():
         got.append(step._bg_lambda())
     assert got == pytest.approx([0.0, 0.05, 0.1, 0.2, 0.2])
     assert step._bg_input_scale() == pytest.approx(2.5)
-    paper = StudentStep(Det(), AdaptConfig(iterations=10, batch_size=2, lr=0.01, lambda_bg=0.2, bg_warmup=4,
-                                           bg_form="paper"))
+    paper = StudentStep(
+        Det(), AdaptConfig(iterations=10, batch_size=2, lr=0.01, lambda_bg=0.2, bg_warmup=4, bg_form="paper")
+    )
     paper.iteration = 0
     assert paper._bg_lambda() == 0.2 and paper._bg_input_scale() == 1.0  # the paper's form ignores the warm-up
 
@@ -156,8 +164,13 @@ def test_hard_negative_is_the_nearest_other_class_entry():
     # hand-built memory in 3-d: class 1 rows 0, 1; class 2 rows 2, 3; class 3 row 4
     fg = np.array([[1, 0, 0], [0.9, -0.3, 0], [0.8, 0.6, 0], [0, 1, 0], [0.5, 0, 0.5]], np.float32)
     bank = MemoryBank(
-        fg_features=fg, fg_labels=np.array([1, 1, 2, 2, 3]), fg_image_ids=np.arange(5), fg_object_ids=np.arange(5),
-        fg_boxes=np.zeros((5, 4), np.float32), bg_features=np.eye(3, dtype=np.float32), bg_image_ids=np.arange(3),
+        fg_features=fg,
+        fg_labels=np.array([1, 1, 2, 2, 3]),
+        fg_image_ids=np.arange(5),
+        fg_object_ids=np.arange(5),
+        fg_boxes=np.zeros((5, 4), np.float32),
+        bg_features=np.eye(3, dtype=np.float32),
+        bg_image_ids=np.arange(3),
         attrs={"class_names": ["a", "b", "c"]},
     )
     retriever = Retriever(bank)
@@ -211,13 +224,19 @@ def test_triplet_stats_by_hand():
 
 
 def test_pseudo_label_counts_by_hand():
-    pseudo = [{
-        "boxes": torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30.0]]),
-        "labels": torch.tensor([1, 1, 2, 1]),
-        "scores": torch.tensor([0.9, 0.95, 0.9, 0.9]),
-    }]
-    truth = [{"boxes": torch.tensor([[0, 0, 10, 11], [50, 50, 60, 60], [80, 80, 90, 90.0]]),
-              "labels": torch.tensor([1, 1, 1])}]
+    pseudo = [
+        {
+            "boxes": torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30.0]]),
+            "labels": torch.tensor([1, 1, 2, 1]),
+            "scores": torch.tensor([0.9, 0.95, 0.9, 0.9]),
+        }
+    ]
+    truth = [
+        {
+            "boxes": torch.tensor([[0, 0, 10, 11], [50, 50, 60, 60], [80, 80, 90, 90.0]]),
+            "labels": torch.tensor([1, 1, 1]),
+        }
+    ]
     # the two duplicates match one object once; the class-2 box overlaps a class-1 object: wrong class
     assert diagnostics.pseudo_label_counts(pseudo, truth) == (1.0, 4.0, 3.0)
 
@@ -261,8 +280,9 @@ def test_run_writes_diagnostics_and_keeps_the_discriminator_across_refreshes(tin
         return original_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(trainer.StudentStep, "forward", forward)
-    _, _, summary = run_adapt(tiny_inputs, tmp_path, iterations=4, refresh_every=2, bg_form="confusion",
-                              fg_negative="both", diag_every=2)
+    _, _, summary = run_adapt(
+        tiny_inputs, tmp_path, iterations=4, refresh_every=2, bg_form="confusion", fg_negative="both", diag_every=2
+    )
     assert summary["refreshes"] == 1
     assert len({obj for _, obj, _ in seen}) == 1  # one discriminator for the whole run
     w0, w2, w3 = seen[0][2], seen[2][2], seen[3][2]  # iteration 2 is the first after the refresh

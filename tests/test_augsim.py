@@ -97,7 +97,10 @@ def test_color_without_masks_changes_only_box_pixels():
 def test_attributes_follow_the_transform():
     attributes = {"color": [200, 30, 30], "orientation": "side", "occlusion": 0.1}
     assert transform_attributes(attributes, "color_flip") == {
-        "color": [30, 200, 200], "orientation": "side_mirrored", "occlusion": 0.1}
+        "color": [30, 200, 200],
+        "orientation": "side_mirrored",
+        "occlusion": 0.1,
+    }
     assert transform_attributes(attributes, "flip")["color"] == [200, 30, 30]
     assert transform_attributes({"orientation": "front"}, "flip") == {"orientation": "front"}
     assert transform_attributes(attributes, "color", weight=0.0)["color"] == [55, 225, 225]
@@ -200,8 +203,16 @@ def test_fog_on_a_hand_computed_pixel(tmp_path):
 
 def test_fog_without_depth_uses_the_ground_plane(tmp_path):
     _one_image_split(tmp_path / "src", (200, 100, 0))
-    make_foggy(tmp_path / "src", tmp_path / "fog", beta=0.1, airlight=1.0, horizon=0.5, camera_height=1.5,
-               vfov_deg=90.0, max_depth=50.0)
+    make_foggy(
+        tmp_path / "src",
+        tmp_path / "fog",
+        beta=0.1,
+        airlight=1.0,
+        horizon=0.5,
+        camera_height=1.5,
+        vfov_deg=90.0,
+        max_depth=50.0,
+    )
     fog = _read(tmp_path / "fog/images/0.png")
     t = math.exp(-0.1 * (2 * 1.5 / 1.5))  # row 3: f = 2, centre 3.5 - horizon 2.0 = 1.5 -> depth 2 m
     assert fog[3, 0, 1] == int(255 * (100 / 255 * t + (1 - t)) + 0.5)
@@ -259,8 +270,11 @@ def test_exactly_a_quarter_of_the_images_change(augsim_sets):
     aug_data, aug_images, aug_by_image = _split(out)
     n = len(images)
     assert len(aug_images) == n and len(aug_data["annotations"]) == len(data["annotations"])
-    changed = [i for i in images if not np.array_equal(_read(src / images[i]["file_name"]),
-                                                      _read(out / aug_images[i]["file_name"]))]
+    changed = [
+        i
+        for i in images
+        if not np.array_equal(_read(src / images[i]["file_name"]), _read(out / aug_images[i]["file_name"]))
+    ]
     assert len(changed) == augmented_count(n, 0.25) == int(n * 0.25 + 0.5)
     assert augsim_sets["counts"]["none"] == n - len(changed)
     for i in images:
@@ -337,9 +351,23 @@ def test_augsim_images_equal_the_variant_sets(augsim_sets):
 
 def test_augsim_stage_writes_every_set(tiny_benchmark, tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"scenario": "synth_fog", "augsim": {
-        "fraction": 0.5, "seed": 1, "fog_beta": 0.05, "fog_airlight": 0.7, "horizon": 0.5, "camera_height": 1.5,
-        "vfov_deg": 60.0, "max_depth": 300.0}}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "scenario": "synth_fog",
+                "augsim": {
+                    "fraction": 0.5,
+                    "seed": 1,
+                    "fog_beta": 0.05,
+                    "fog_airlight": 0.7,
+                    "horizon": 0.5,
+                    "camera_height": 1.5,
+                    "vfov_deg": 60.0,
+                    "max_depth": 300.0,
+                },
+            }
+        )
+    )
     stage = _stage("augsim")
     summary = stage.build(stage.read_config(str(params)), Path(tiny_benchmark), tmp_path / "aug", tmp_path / "fog")
     n_train = len(json.loads((Path(tiny_benchmark) / "source_train/annotations.json").read_text())["images"])

@@ -47,10 +47,12 @@ def test_seeds_needed_inverts_the_half_width():
 
 def test_summary_table_and_gap_closed():
     results = {
-        s: {"source_on_target": {"mAP": 20.0 + s, "AP": {"car": 20.0, "person": None}},
+        s: {
+            "source_on_target": {"mAP": 20.0 + s, "AP": {"car": 20.0, "person": None}},
             "at_like": {"mAP": 44.0 + s, "AP": {"car": 50.0 + s, "person": 30.0}},
             "vspa": {"mAP": 46.0 + s + 0.5 * (s == 1), "AP": {"car": 54.0, "person": 34.0}},
-            "oracle_on_target": {"mAP": 70.0 + s, "AP": {"car": 70.0, "person": 60.0}}}
+            "oracle_on_target": {"mAP": 70.0 + s, "AP": {"car": 70.0, "person": 60.0}},
+        }
         for s in (0, 1, 2)
     }
     rows = ["source_on_target", "at_like", "vspa", "oracle_on_target"]
@@ -165,5 +167,6 @@ def test_code_summary_groups_seeds_by_commit(tmp_path):
         (tmp_path / f"seed{s}").mkdir()
         (tmp_path / f"seed{s}" / "code.json").write_text(json.dumps({"commit": commit, "dirty": dirty}))
     assert bench.code_summary(tmp_path, [0, 1, 2, 3]) == (
-        "seeds 0, 1 at aaaaaaa; seed 2 at bbbbbbb (tree differed); seed 3 at unknown")
+        "seeds 0, 1 at aaaaaaa; seed 2 at bbbbbbb (tree differed); seed 3 at unknown"
+    )
     assert bench.code_version()["commit"] != "unknown"

@@ -60,12 +60,14 @@ def test_valid_file_loads_with_contiguous_labels_and_crowd_kept(tmp_path):
 def _mutate_image(key, value, index=1):
     def mutate(d):
         d["images"][index][key] = value
+
     return mutate
 
 
 def _mutate_ann(key, value, index=3):
     def mutate(d):
         d["annotations"][index][key] = value
+
     return mutate
 
 
@@ -238,8 +240,12 @@ def test_prepare_imports_coco_splits_without_copying_images(tmp_path):
     json_path = _write(tmp_path / "external", _valid())
     out, summary_path = tmp_path / "data" / "benchmark", tmp_path / "summary.json"
     summary = _stage().prepare(_coco_params(tmp_path, {s: json_path for s in SPLITS}), out, summary_path, 1, False)
-    assert summary["splits"]["source_train"] == {"images": 2, "objects": 3, "per_class": {"car": 2, "person": 1},
-                                                  "crowd_regions": 1}
+    assert summary["splits"]["source_train"] == {
+        "images": 2,
+        "objects": 3,
+        "per_class": {"car": 2, "person": 1},
+        "crowd_regions": 1,
+    }
     object_ids = []
     for split in SPLITS:
         written = json.loads((out / split / "annotations.json").read_text())

@@ -175,8 +175,11 @@ def test_no_default_is_stated_twice(cls, name):
     only keys params.yaml may omit (evaluate.subsets, set by one scenario preset) have a dataclass default."""
     import dataclasses
 
-    defaults = {f.name for f in dataclasses.fields(cls)
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    defaults = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
     assert defaults == ({"subsets"} if cls is EvalConfig else set())
     assert not defaults & set(committed(name))
 
@@ -184,12 +187,14 @@ def test_no_default_is_stated_twice(cls, name):
 def test_eval_config_checks():
     base = {"device": "cpu", "iou": 0.5, "batch_size": 2}
     assert parse_section(EvalConfig, base, "evaluate").subsets == {}
-    for bad, match in [({"iou": 0.0}, r"evaluate.iou must be in \(0, 1\], got 0.0"),
-                       ({"iou": 1.5}, r"evaluate.iou must be in \(0, 1\]"),
-                       ({"batch_size": 0}, "evaluate.batch_size must be at least 1, got 0"),
-                       ({"device": "gpu"}, "evaluate.device 'gpu' is not a device"),
-                       ({"subsets": [1]}, r"evaluate.subsets must be a mapping, got \[1\]\. Map a subset name"),
-                       ({"subsets": {"dense": {}}}, "evaluate.subsets.dense must map image fields to values")]:
+    for bad, match in [
+        ({"iou": 0.0}, r"evaluate.iou must be in \(0, 1\], got 0.0"),
+        ({"iou": 1.5}, r"evaluate.iou must be in \(0, 1\]"),
+        ({"batch_size": 0}, "evaluate.batch_size must be at least 1, got 0"),
+        ({"device": "gpu"}, "evaluate.device 'gpu' is not a device"),
+        ({"subsets": [1]}, r"evaluate.subsets must be a mapping, got \[1\]\. Map a subset name"),
+        ({"subsets": {"dense": {}}}, "evaluate.subsets.dense must map image fields to values"),
+    ]:
         with pytest.raises(VspaError, match=match):
             parse_section(EvalConfig, {**base, **bad}, "evaluate")
     foggy = stage_config({"scenario": "cityscapes_foggy", "evaluate": base}, "evaluate")["evaluate"]
@@ -198,23 +203,26 @@ def test_eval_config_checks():
 
 def test_extract_config_checks():
     base = committed("extract_memory")
-    for bad, match in [({"keep": "some"}, "extract_memory.keep 'some' is unknown. Use one of: all, correct"),
-                       ({"batch_size": 0}, "extract_memory.batch_size must be at least 1"),
-                       ({"chunk_rows": 0}, "extract_memory.chunk_rows must be at least 1"),
-                       ({"batch_size": None}, "extract_memory.batch_size is not set")]:
+    for bad, match in [
+        ({"keep": "some"}, "extract_memory.keep 'some' is unknown. Use one of: all, correct"),
+        ({"batch_size": 0}, "extract_memory.batch_size must be at least 1"),
+        ({"chunk_rows": 0}, "extract_memory.chunk_rows must be at least 1"),
+        ({"batch_size": None}, "extract_memory.batch_size is not set"),
+    ]:
         with pytest.raises(VspaError, match=match):
             parse_section(ExtractConfig, {**base, **bad}, "extract_memory")
 
 
 def test_subsample_config_checks():
     base = committed("subsample")
-    for bad, match in [({"method": "kmeans"}, "subsample.method 'kmeans' is unknown. Use one of: coreset, random, "
-                                              "none"),
-                       ({"fg_ratio": 0}, r"subsample.fg_ratio must be in \(0, 1\]"),
-                       ({"bg_ratio": 1.5}, r"subsample.bg_ratio must be in \(0, 1\]"),
-                       ({"projection_dim": -1}, "subsample.projection_dim must be >= 0"),
-                       ({"seed": 0.5}, "subsample.seed must be an integer, got 0.5"),
-                       ({"method": False}, "subsample.method must be a string")]:
+    for bad, match in [
+        ({"method": "kmeans"}, "subsample.method 'kmeans' is unknown. Use one of: coreset, random, none"),
+        ({"fg_ratio": 0}, r"subsample.fg_ratio must be in \(0, 1\]"),
+        ({"bg_ratio": 1.5}, r"subsample.bg_ratio must be in \(0, 1\]"),
+        ({"projection_dim": -1}, "subsample.projection_dim must be >= 0"),
+        ({"seed": 0.5}, "subsample.seed must be an integer, got 0.5"),
+        ({"method": False}, "subsample.method must be a string"),
+    ]:
         with pytest.raises(VspaError, match=match):
             parse_section(SubsampleConfig, {**base, **bad}, "subsample")
 
@@ -234,8 +242,14 @@ def test_evaluate_stage_rejects_a_typo_naming_the_key_and_the_params_file(tmp_pa
     params.write_text("evaluate: {device: cpu, iou: 0.5, batch_size: 2, bacth_size: 3}\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        stage_main("evaluate")(params=str(params), model=tmp_path / "model.pt", data=tmp_path / "split",
-                               name="tiny", metrics_dir=Path("reports/metrics"), plots_dir=Path("reports/plots/pr"))
+        stage_main("evaluate")(
+            params=str(params),
+            model=tmp_path / "model.pt",
+            data=tmp_path / "split",
+            name="tiny",
+            metrics_dir=Path("reports/metrics"),
+            plots_dir=Path("reports/plots/pr"),
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "bacth_size" in err and str(params) in err and "'evaluate:'" in err
@@ -248,9 +262,16 @@ def test_memory_stages_reject_a_typo_before_reading_anything(name, tmp_path, cap
     section = committed(name)
     section["batch_szie" if name == "extract_memory" else "fg_raito"] = 0.5
     params.write_text(yaml.safe_dump({name: section}))
-    paths = ({"model": tmp_path / "nope.pt", "data": tmp_path / "split", "out": tmp_path / "full.h5",
-              "stats": tmp_path / "extract.json"} if name == "extract_memory" else
-             {"memory": tmp_path / "nope.h5", "out": tmp_path / "sub.h5", "coverage": tmp_path / "coverage.json"})
+    paths = (
+        {
+            "model": tmp_path / "nope.pt",
+            "data": tmp_path / "split",
+            "out": tmp_path / "full.h5",
+            "stats": tmp_path / "extract.json",
+        }
+        if name == "extract_memory"
+        else {"memory": tmp_path / "nope.h5", "out": tmp_path / "sub.h5", "coverage": tmp_path / "coverage.json"}
+    )
     with pytest.raises(SystemExit) as exc:
         stage_main(name)(params=str(params), **paths)
     assert exc.value.code == 2
@@ -292,20 +313,23 @@ def test_ported_typo_is_an_error_naming_the_key_the_section_and_the_file(cls, na
     assert "Known keys:" in msg and ("batch_size" in msg if cls is not DetectorConfig else "min_size" in msg)
 
 
-@pytest.mark.parametrize("cls,name,key,bad,expected", [
-    (TrainConfig, "pretrain", "iterations", "ten", "an integer"),
-    (TrainConfig, "oracle", "lr", "fast", "a number"),
-    (TrainConfig, "pretrain", "lr_steps", [750, 0.5], "a list of integers"),
-    (TrainConfig, "pretrain", "strong_aug", "yes", "true or false"),
-    (AdaptConfig, "adapt", "iterations", "ten", "an integer"),
-    (AdaptConfig, "adapt", "tau", "high", "a number"),
-    (AdaptConfig, "adapt", "amp", 1, "true or false"),
-    (AdaptConfig, "adapt", "fg_boxes", False, "a string"),  # only fg_mode / bg_mode read false as "off"
-    (DetectorConfig, "model", "min_size", "big", "an integer"),
-    (DetectorConfig, "model", "rpn_fg_iou_thresh", "half", "a number"),
-    (DetectorConfig, "model", "anchor_sizes", [12, "x"], "a list of integers or null"),
-    (DetectorConfig, "model", "from_scratch", "no", "true or false"),
-])
+@pytest.mark.parametrize(
+    "cls,name,key,bad,expected",
+    [
+        (TrainConfig, "pretrain", "iterations", "ten", "an integer"),
+        (TrainConfig, "oracle", "lr", "fast", "a number"),
+        (TrainConfig, "pretrain", "lr_steps", [750, 0.5], "a list of integers"),
+        (TrainConfig, "pretrain", "strong_aug", "yes", "true or false"),
+        (AdaptConfig, "adapt", "iterations", "ten", "an integer"),
+        (AdaptConfig, "adapt", "tau", "high", "a number"),
+        (AdaptConfig, "adapt", "amp", 1, "true or false"),
+        (AdaptConfig, "adapt", "fg_boxes", False, "a string"),  # only fg_mode / bg_mode read false as "off"
+        (DetectorConfig, "model", "min_size", "big", "an integer"),
+        (DetectorConfig, "model", "rpn_fg_iou_thresh", "half", "a number"),
+        (DetectorConfig, "model", "anchor_sizes", [12, "x"], "a list of integers or null"),
+        (DetectorConfig, "model", "from_scratch", "no", "true or false"),
+    ],
+)
 def test_ported_wrong_type_names_the_file_the_key_and_the_type(cls, name, key, bad, expected):
     section = {**committed(name), key: bad}
     with pytest.raises(VspaError) as exc:
@@ -316,12 +340,18 @@ def test_ported_wrong_type_names_the_file_the_key_and_the_type(cls, name, key, b
 def test_train_config_committed_values_and_types():
     cfg = TrainConfig.from_params(committed("pretrain"), name="pretrain", path=str(PARAMS))
     assert (cfg.iterations, cfg.batch_size, cfg.lr, cfg.warmup_iters, cfg.lr_steps) == (1000, 4, 0.02, 100, [750])
-    assert (cfg.strong_aug, cfg.amp, cfg.device, cfg.weight_decay, cfg.checkpoint_every) == (False, False, "auto",
-                                                                                             1e-4, 100)
+    assert (cfg.strong_aug, cfg.amp, cfg.device, cfg.weight_decay, cfg.checkpoint_every) == (
+        False,
+        False,
+        "auto",
+        1e-4,
+        100,
+    )
     assert TrainConfig.from_params(committed("oracle"), name="oracle") == cfg
     assert "amp" not in cfg.record()  # the resume fingerprint's dict is as before
-    coerced = TrainConfig.from_params({"iterations": 10.0, "batch_size": 2, "lr": 1, "momentum": 0,
-                                       "lr_steps": [5.0, 8], "seed": 3})
+    coerced = TrainConfig.from_params(
+        {"iterations": 10.0, "batch_size": 2, "lr": 1, "momentum": 0, "lr_steps": [5.0, 8], "seed": 3}
+    )
     assert type(coerced.iterations) is int and type(coerced.lr) is float and type(coerced.momentum) is float
     assert coerced.lr_steps == [5, 8] and all(type(s) is int for s in coerced.lr_steps)
     assert TrainConfig.from_params({"iterations": 10, "batch_size": 2, "lr": 0.1, "lr_steps": None}).lr_steps == []
@@ -329,12 +359,14 @@ def test_train_config_committed_values_and_types():
 
 def test_train_config_value_checks_name_the_file_and_the_key():
     base = {"iterations": 10, "batch_size": 2, "lr": 0.1}
-    for bad, match in [({"batch_size": 0}, r"^p\.yaml: oracle\.batch_size must be >= 1, got 0\.$"),
-                       ({"momentum": 1.0}, r"oracle\.momentum must be in \[0, 1\), got 1\.0"),
-                       ({"lr": float("nan")}, r"oracle\.lr must be a positive number, got nan"),
-                       ({"lr_steps": [8, 4]}, r"oracle\.lr_steps must be increasing, got \[8, 4\]"),
-                       ({"device": "gpu"}, r"oracle\.device 'gpu' is not a device"),
-                       ({"lr": None}, r"^p\.yaml: oracle\.lr is not set")]:
+    for bad, match in [
+        ({"batch_size": 0}, r"^p\.yaml: oracle\.batch_size must be >= 1, got 0\.$"),
+        ({"momentum": 1.0}, r"oracle\.momentum must be in \[0, 1\), got 1\.0"),
+        ({"lr": float("nan")}, r"oracle\.lr must be a positive number, got nan"),
+        ({"lr_steps": [8, 4]}, r"oracle\.lr_steps must be increasing, got \[8, 4\]"),
+        ({"device": "gpu"}, r"oracle\.device 'gpu' is not a device"),
+        ({"lr": None}, r"^p\.yaml: oracle\.lr is not set"),
+    ]:
         with pytest.raises(VspaError, match=match):
             TrainConfig.from_params({**base, **bad}, name="oracle", path="p.yaml")
 
@@ -358,24 +390,30 @@ def test_adapt_config_committed_values_and_the_run_sections():
     fair = AdaptConfig.from_params(adapt_section(raw, "fair_source", str(PARAMS)))
     assert fair.lambda_unsup == 0.0 and type(fair.lambda_unsup) is float and not fair.uses_target
     pairing = AdaptConfig.from_params(adapt_section(raw, "pairing_color", str(PARAMS)))
-    assert (pairing.fg_mode, pairing.pairing_mode, pairing.pairing_variants) == ("pairing", "color",
-                                                                                  "data/augsim/pairing")
+    assert (pairing.fg_mode, pairing.pairing_mode, pairing.pairing_variants) == (
+        "pairing",
+        "color",
+        "data/augsim/pairing",
+    )
 
 
 def test_adapt_config_reads_an_unquoted_off_and_names_the_key_of_a_bad_value():
     base = {"iterations": 5, "batch_size": 2, "lr": 0.01}
-    unquoted = AdaptConfig.from_params(yaml.safe_load("iterations: 5\nbatch_size: 2\nlr: 0.01\n"
-                                                      "fg_mode: off\nbg_mode: off\n"))
+    unquoted = AdaptConfig.from_params(
+        yaml.safe_load("iterations: 5\nbatch_size: 2\nlr: 0.01\nfg_mode: off\nbg_mode: off\n")
+    )
     assert (unquoted.fg_mode, unquoted.bg_mode) == ("off", "off")
     with pytest.raises(VspaError) as exc:
         AdaptConfig.from_params({**base, "bg_mode": True}, path="p.yaml")  # an unquoted on
     msg = str(exc.value)
     assert msg.startswith("p.yaml: adapt.bg_mode must be a string, got True") and "quote it" in msg
-    for bad, match in [({"fg_mode": "memroy"}, r"adapt\.fg_mode must be one of memory, .*, off, got 'memroy'"),
-                       ({"tau": 1.5}, r"^p\.yaml: adapt\.tau must be in \[0, 1\], got 1\.5\.$"),
-                       ({"lambda_bg": -0.1}, r"adapt\.lambda_bg must be >= 0, got -0\.1"),
-                       ({"device": "tpu:x"}, r"adapt\.device 'tpu:x' is not a device"),
-                       ({"iterations": None}, r"^p\.yaml: adapt\.iterations is not set")]:
+    for bad, match in [
+        ({"fg_mode": "memroy"}, r"adapt\.fg_mode must be one of memory, .*, off, got 'memroy'"),
+        ({"tau": 1.5}, r"^p\.yaml: adapt\.tau must be in \[0, 1\], got 1\.5\.$"),
+        ({"lambda_bg": -0.1}, r"adapt\.lambda_bg must be >= 0, got -0\.1"),
+        ({"device": "tpu:x"}, r"adapt\.device 'tpu:x' is not a device"),
+        ({"iterations": None}, r"^p\.yaml: adapt\.iterations is not set"),
+    ]:
         with pytest.raises(VspaError, match=match):
             AdaptConfig.from_params({**base, **bad}, path="p.yaml")
 
@@ -387,17 +425,20 @@ def test_detector_config_committed_values_and_checks():
     assert (cfg.rpn_fg_iou_thresh, cfg.box_batch_size_per_image, cfg.small_width) == (0.5, 64, 16)
     assert cfg.aspect_ratios == [0.5, 1.0, 2.0, 3.0] and not cfg.from_scratch
     # a float given as an integer becomes a float; null is "the default", also for anchor_sizes (int | None)
-    given = DetectorConfig.from_params({"rpn_fg_iou_thresh": 1, "aspect_ratios": [1, 2], "anchor_sizes": None,
-                                        "min_size": 96.0})
+    given = DetectorConfig.from_params(
+        {"rpn_fg_iou_thresh": 1, "aspect_ratios": [1, 2], "anchor_sizes": None, "min_size": 96.0}
+    )
     assert type(given.rpn_fg_iou_thresh) is float and given.aspect_ratios == [1.0, 2.0]
     assert all(type(a) is float for a in given.aspect_ratios) and given.anchor_sizes is None
     assert type(given.min_size) is int and given.min_size == 96
-    for bad, match in [({"backbone": "resnet18"}, r"^p\.yaml: unknown model\.backbone 'resnet18'"),
-                       ({"min_size": 0}, r"^p\.yaml: model\.min_size must be a positive integer, got 0\.$"),
-                       ({"min_size": 400}, r"model\.min_size \(400\) is larger than model\.max_size \(320\)"),
-                       ({"rpn_bg_iou_thresh": 0.6}, r"need 0 < model\.rpn_bg_iou_thresh <= model\.rpn_fg_iou_"),
-                       ({"anchor_sizes": []}, r"model\.anchor_sizes must be a non-empty list"),
-                       ({"aspect_ratios": [1.0, 0]}, r"model\.aspect_ratios must be a non-empty list of positive")]:
+    for bad, match in [
+        ({"backbone": "resnet18"}, r"^p\.yaml: unknown model\.backbone 'resnet18'"),
+        ({"min_size": 0}, r"^p\.yaml: model\.min_size must be a positive integer, got 0\.$"),
+        ({"min_size": 400}, r"model\.min_size \(400\) is larger than model\.max_size \(320\)"),
+        ({"rpn_bg_iou_thresh": 0.6}, r"need 0 < model\.rpn_bg_iou_thresh <= model\.rpn_fg_iou_"),
+        ({"anchor_sizes": []}, r"model\.anchor_sizes must be a non-empty list"),
+        ({"aspect_ratios": [1.0, 0]}, r"model\.aspect_ratios must be a non-empty list of positive"),
+    ]:
         with pytest.raises(VspaError, match=match):
             DetectorConfig.from_params({**committed("model"), **bad}, path="p.yaml")
 
@@ -410,15 +451,29 @@ def test_training_stage_rejects_a_typo_naming_the_key_and_the_params_file(tmp_pa
     raw["oracle"]["lr_step"] = [750]
     params.write_text(yaml.safe_dump(raw))
     with pytest.raises(VspaError) as exc:
-        run_training_stage(str(params), "oracle", tmp_path / "split", tmp_path / "model.pt", tmp_path / "l.csv",
-                           tmp_path / "work", "oracle")
+        run_training_stage(
+            str(params),
+            "oracle",
+            tmp_path / "split",
+            tmp_path / "model.pt",
+            tmp_path / "l.csv",
+            tmp_path / "work",
+            "oracle",
+        )
     assert str(exc.value).startswith(f"{params}: unknown key(s) in section 'oracle:': lr_step.")
     raw = yaml.safe_load(PARAMS.read_text())
     raw["model"]["min_size"] = "big"
     params.write_text(yaml.safe_dump(raw))
     with pytest.raises(VspaError, match=rf"^{re.escape(str(params))}: model\.min_size must be an integer, got 'bi"):
-        run_training_stage(str(params), "pretrain", tmp_path / "split", tmp_path / "model.pt", tmp_path / "l.csv",
-                           tmp_path / "work", "pretrain")
+        run_training_stage(
+            str(params),
+            "pretrain",
+            tmp_path / "split",
+            tmp_path / "model.pt",
+            tmp_path / "l.csv",
+            tmp_path / "work",
+            "pretrain",
+        )
     assert not (tmp_path / "work").exists() and not (tmp_path / "model.pt").exists()
 
 

@@ -137,8 +137,13 @@ def test_subsample_memory_subset_index_and_coverage_report():
     x = clustered(n_clusters=8, seed=3).numpy()
     n = len(x)
     bank = MemoryBank(
-        fg_features=x, fg_labels=np.arange(n) % 2 + 1, fg_image_ids=np.arange(n), fg_object_ids=np.arange(n) + 7,
-        fg_boxes=np.zeros((n, 4), np.float32), bg_features=x[:50], bg_image_ids=np.arange(50) + 1000,
+        fg_features=x,
+        fg_labels=np.arange(n) % 2 + 1,
+        fg_image_ids=np.arange(n),
+        fg_object_ids=np.arange(n) + 7,
+        fg_boxes=np.zeros((n, 4), np.float32),
+        bg_features=x[:50],
+        bg_image_ids=np.arange(50) + 1000,
         attrs={"class_names": ["car", "person"], "keep": "all"},
     )
     subset, report = subsample_memory(bank, method="coreset", fg_ratio=0.5, bg_ratio=0.3, seed=1)

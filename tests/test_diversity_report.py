@@ -8,9 +8,15 @@ from vspa.reporting import diversity
 
 
 def _summary(rows: dict[str, dict[int, float]]) -> dict:
-    return {"rows": {r: {"mAP": {"values": {str(s): v for s, v in vals.items()}},
-                         "AP": {"car": {"values": {str(s): v + 1 for s, v in vals.items()}}}}
-                     for r, vals in rows.items()}}
+    return {
+        "rows": {
+            r: {
+                "mAP": {"values": {str(s): v for s, v in vals.items()}},
+                "AP": {"car": {"values": {str(s): v + 1 for s, v in vals.items()}}},
+            }
+            for r, vals in rows.items()
+        }
+    }
 
 
 def test_welch_matches_hand_computation():
@@ -46,9 +52,13 @@ def test_compare_levels_pairs_within_a_level_and_compares_across():
 def test_teacher_drift_counts_runs_below_the_precision_threshold():
     from vspa.reporting.seeds import render_drift, teacher_drift
 
-    diags = {0: {"at_like": {"second_half": {"pseudo_precision": 0.88, "pseudo_per_image": 2.0}},
-                 "fair_source": {"second_half": {"pseudo_precision": None}}},
-             2: {"at_like": {"second_half": {"pseudo_precision": 0.44, "pseudo_per_image": 3.9}}}}
+    diags = {
+        0: {
+            "at_like": {"second_half": {"pseudo_precision": 0.88, "pseudo_per_image": 2.0}},
+            "fair_source": {"second_half": {"pseudo_precision": None}},
+        },
+        2: {"at_like": {"second_half": {"pseudo_precision": 0.44, "pseudo_per_image": 3.9}}},
+    }
     drift = teacher_drift(diags)
     assert drift == {"at_like": {"precision": {0: 0.88, 2: 0.44}, "per_image": {0: 2.0, 2: 3.9}, "drifted": [2]}}
     assert "| AT | 2 | 1/2 (seed 2) | 0.88, 0.44 | 2.0, 3.9 |" in render_drift(drift, {"at_like": "AT"})

@@ -101,8 +101,10 @@ def undeclared(cmd: str, deps: list[str]) -> list[str]:
 def test_every_imported_module_is_a_declared_dep(name):
     stage = stages()[name]
     missing = undeclared(stage["cmd"], stage["deps"])
-    assert not missing, (f"dvc.yaml stage '{name}' runs code it does not depend on: {missing}. Add them (or a "
-                         f"folder above them) to its deps, or `dvc repro` will miss changes to them.")
+    assert not missing, (
+        f"dvc.yaml stage '{name}' runs code it does not depend on: {missing}. Add them (or a "
+        f"folder above them) to its deps, or `dvc repro` will miss changes to them."
+    )
 
 
 def test_the_check_fails_when_a_dep_is_dropped():
@@ -135,8 +137,10 @@ def _is_path(annotation: ast.AST | None) -> bool:
         return False
     if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
         return re.search(r"\bPath\b", annotation.value) is not None
-    return any(isinstance(n, ast.Name) and n.id == "Path" or isinstance(n, ast.Attribute) and n.attr == "Path"
-               for n in ast.walk(annotation))
+    return any(
+        isinstance(n, ast.Name) and n.id == "Path" or isinstance(n, ast.Attribute) and n.attr == "Path"
+        for n in ast.walk(annotation)
+    )
 
 
 def options_of(source: str, filename: str = "<script>") -> dict[str, dict]:
@@ -223,8 +227,11 @@ def stage_paths() -> dict[str, dict]:
         for key in ("outs", "metrics", "plots"):
             for entry in body.get(key, []):
                 outputs += [entry] if isinstance(entry, str) else list(entry)
-        out[name] = {"cmd": body["cmd"], "deps": [d for d in body.get("deps", []) if isinstance(d, str)],
-                     "outputs": outputs}
+        out[name] = {
+            "cmd": body["cmd"],
+            "deps": [d for d in body.get("deps", []) if isinstance(d, str)],
+            "outputs": outputs,
+        }
     return out
 
 
@@ -238,8 +245,10 @@ def test_stage_scripts_have_no_path_defaults():
         for name, option in options_of(script.read_text(), str(script)).items():
             if option["path"] and not option["required"] and (script.name, name) not in PATH_FALLBACKS:
                 with_default.append(f"{script.name}: --{name.replace('_', '-')}")
-    assert not with_default, (f"path options with a default: {with_default}. Make them required "
-                              f"(typer.Option(..., help=...)) and pass them in dvc.yaml's cmd.")
+    assert not with_default, (
+        f"path options with a default: {with_default}. Make them required "
+        f"(typer.Option(..., help=...)) and pass them in dvc.yaml's cmd."
+    )
     assert options_of((ROOT / "stages" / "train.py").read_text())["params"]["required"] is False  # kept
 
 
@@ -247,16 +256,20 @@ def test_stage_scripts_have_no_path_defaults():
 def test_every_cmd_passes_every_required_option(name):
     stage = stage_paths()[name]
     missing = missing_options(stage["cmd"])
-    assert not missing, (f"dvc.yaml stage '{name}': cmd {stage['cmd']!r} omits the required options {missing} "
-                         f"of its script. Pass them (the paths of the stage's deps / outs).")
+    assert not missing, (
+        f"dvc.yaml stage '{name}': cmd {stage['cmd']!r} omits the required options {missing} "
+        f"of its script. Pass them (the paths of the stage's deps / outs)."
+    )
 
 
 @pytest.mark.parametrize("name", sorted(stage_paths()))
 def test_every_path_the_cmd_passes_is_declared(name):
     stage = stage_paths()[name]
     bad = undeclared_paths(stage)
-    assert not bad, (f"dvc.yaml stage '{name}': cmd passes {bad}, which are neither deps nor outputs of the stage "
-                     f"(nor folders of them). Declare them, or pass the declared path.")
+    assert not bad, (
+        f"dvc.yaml stage '{name}': cmd passes {bad}, which are neither deps nor outputs of the stage "
+        f"(nor folders of them). Declare them, or pass the declared path."
+    )
 
 
 def test_the_option_check_fails_when_an_option_is_dropped():

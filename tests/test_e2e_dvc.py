@@ -19,8 +19,15 @@ BIN = Path(sys.executable).parent
 # stage for real in a few minutes on a 2-core CPU (the AugSim experiment's 14 stages take about as long as
 # the rest). Values are checked for plausibility, not quality.
 TINY = {
-    "prepare": {"height": 96, "width": 192, "source_train": 8, "source_test": 4, "target_train": 8, "target_test": 4,
-                "target_val": 4},
+    "prepare": {
+        "height": 96,
+        "width": 192,
+        "source_train": 8,
+        "source_test": 4,
+        "target_train": 8,
+        "target_test": 4,
+        "target_val": 4,
+    },
     "model": {"min_size": 96, "max_size": 192},
     "pretrain": {"iterations": 4, "batch_size": 2, "warmup_iters": 1, "lr_steps": [3], "checkpoint_every": 2},
     "oracle": {"iterations": 4, "batch_size": 2, "warmup_iters": 1, "lr_steps": [3], "checkpoint_every": 2},
@@ -28,8 +35,16 @@ TINY = {
     "evaluate": {"batch_size": 4},
     # The AugSim experiment needs no entry of its own: its detector, memory and four pairing runs read
     # pretrain, extract_memory, subsample and adapt above (adapt_pairing_* only set the mode and the sets).
-    "translate": {"iterations": 3, "checkpoint_every": 2, "crop_height": 32, "crop_width": 64, "ngf": 8, "ndf": 8,
-                  "num_patches": 32, "queue_size": 16},
+    "translate": {
+        "iterations": 3,
+        "checkpoint_every": 2,
+        "crop_height": 32,
+        "crop_width": 64,
+        "ngf": 8,
+        "ndf": 8,
+        "num_patches": 32,
+        "queue_size": 16,
+    },
 }
 
 
@@ -55,8 +70,13 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, dict]:
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    env = dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="2",
+    )
     env.pop("CI", None)
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "config", "user.email", "ci@example.com"], repo, env)
@@ -73,8 +93,16 @@ def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     stages = set(lock["stages"])
     assert {"prepare", "pretrain", "oracle", "extract_memory", "subsample", "adapt@vspa", "report"} <= stages
-    rows = ("source_on_source", "source_on_target", "oracle_on_target", "fair_source", "at_like", "mila_like",
-            "bg_only", "vspa")
+    rows = (
+        "source_on_source",
+        "source_on_target",
+        "oracle_on_target",
+        "fair_source",
+        "at_like",
+        "mila_like",
+        "bg_only",
+        "vspa",
+    )
     translators = tuple(f"translate_{v}_s{k}" for v in ("cut", "attention", "attention_lg") for k in (0, 1, 2))
     for name in rows + translators:
         metrics = json.loads((repo / "reports" / "metrics" / f"{name}.json").read_text())
@@ -97,7 +125,9 @@ def test_repro_writes_metrics_for_every_evaluation(tiny_repo):
         assert ROW_DESCRIPTIONS[row] in table, table
     assert "missing" not in table
     rows_table = (repo / "reports" / "comparison_rows.md").read_text()  # every protocol row, seed 0
-    assert all(ROW_DESCRIPTIONS[r] in rows_table for r in rows if r != "source_on_source") and "missing" not in rows_table
+    assert (
+        all(ROW_DESCRIPTIONS[r] in rows_table for r in rows if r != "source_on_source") and "missing" not in rows_table
+    )
     fair = json.loads((repo / "reports" / "adapt" / "fair_source" / "summary.json").read_text())
     assert fair["pseudo_labels_per_image"] == 0  # no target image was read
     assert "missing" not in (repo / "reports" / "comparison_all.md").read_text()
@@ -152,13 +182,18 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     assert changed_after("oracle", "lr", 0.005) == {"oracle"}
     assert changed_after("subsample", "fg_ratio", 0.7) == {"subsample", "subsample_augsim"}
     assert changed_after("adapt_vspa", "lambda_fg", 0.1) == {"adapt@vspa"}
-    assert changed_after("adapt_pairing_flip", "pairing_mode", "exact") == {"adapt_pairing@flip-0", "adapt_pairing@flip-1"}
+    assert changed_after("adapt_pairing_flip", "pairing_mode", "exact") == {
+        "adapt_pairing@flip-0",
+        "adapt_pairing@flip-1",
+    }
     assert changed_after("augsim", "fog_beta", 0.05) == {"augsim"}
-    assert changed_after("translate", "lambda_ga", 0.5) == {f"translate_train@{v}-{k}" for v in ("cut", "attention",
-                                                                                         "attention_lg") for k in (0, 1, 2)}
+    assert changed_after("translate", "lambda_ga", 0.5) == {
+        f"translate_train@{v}-{k}" for v in ("cut", "attention", "attention_lg") for k in (0, 1, 2)
+    }
     changed = changed_after("evaluate", "iou", 0.6)
-    assert changed and all(name.split("@")[0] in ("evaluate", "evaluate_augsim", "evaluate_augsim_source")
-                           for name in changed), changed
+    assert changed and all(
+        name.split("@")[0] in ("evaluate", "evaluate_augsim", "evaluate_augsim_source") for name in changed
+    ), changed
 
     # Byte-code caches next to the sources (written on import unless PYTHONDONTWRITEBYTECODE is set) are
     # not part of a code dependency's hash.
@@ -187,8 +222,12 @@ def test_second_repro_is_a_no_op_and_params_invalidate_only_their_stages(tiny_re
     training = {"pretrain", "oracle", "pretrain_augsim", *adapt_rows, *pairing}
     assert changed_after_edit("src/vspa/presets/synth_fog.yaml") == {"prepare", *training}
     assert training <= changed_after_edit("src/vspa/data/transforms.py")
-    translators = {f"translate_{step}@{v}-{k}" for step in ("train", "apply") for v in ("cut", "attention",
-                                                                                     "attention_lg") for k in (0, 1, 2)}
+    translators = {
+        f"translate_{step}@{v}-{k}"
+        for step in ("train", "apply")
+        for v in ("cut", "attention", "attention_lg")
+        for k in (0, 1, 2)
+    }
     # vspa.training is the plumbing of every training loop, the translator's included (both translator stages
     # declare it: they import vspa.translation.trainer, which uses it)
     assert changed_after_edit("src/vspa/training/precision.py") == training | translators

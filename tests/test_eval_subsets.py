@@ -23,10 +23,14 @@ def test_subset_indices_match_fields_numerically():
 
 def test_subset_score_equals_scoring_only_those_images():
     # image 0: one car found (AP 100 alone); image 1: one car missed, a false positive with a higher score
-    gts = [{"boxes": np.array([[0, 0, 10, 10]], float), "labels": np.array([1])},
-           {"boxes": np.array([[0, 0, 10, 10]], float), "labels": np.array([1])}]
-    dets = [{"boxes": np.array([[0, 0, 10, 10]], float), "labels": np.array([1]), "scores": np.array([0.5])},
-            {"boxes": np.array([[50, 50, 60, 60]], float), "labels": np.array([1]), "scores": np.array([0.9])}]
+    gts = [
+        {"boxes": np.array([[0, 0, 10, 10]], float), "labels": np.array([1])},
+        {"boxes": np.array([[0, 0, 10, 10]], float), "labels": np.array([1])},
+    ]
+    dets = [
+        {"boxes": np.array([[0, 0, 10, 10]], float), "labels": np.array([1]), "scores": np.array([0.5])},
+        {"boxes": np.array([[50, 50, 60, 60]], float), "labels": np.array([1]), "scores": np.array([0.9])},
+    ]
     whole, _ = score(dets, gts, ["car"], 0.5)
     only0, _ = score(dets[:1], gts[:1], ["car"], 0.5)
     assert only0["mAP"] == pytest.approx(100.0)
@@ -61,9 +65,21 @@ def test_foggy_cityscapes_scenario_scores_each_fog_level(tmp_path, monkeypatch):
     params["evaluate"].update(device="cpu", batch_size=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(root / "stages" / "prepare.py"), "--params", str(tmp_path / "params.yaml"),
-                           "--out", str(tmp_path / "bench"), "--summary", str(tmp_path / "summary.json")],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "stages" / "prepare.py"),
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--out",
+            str(tmp_path / "bench"),
+            "--summary",
+            str(tmp_path / "summary.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     classes = params["prepare"]["classes"]
     torch.manual_seed(0)
@@ -73,8 +89,15 @@ def test_foggy_cityscapes_scenario_scores_each_fog_level(tmp_path, monkeypatch):
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     monkeypatch.chdir(tmp_path)
-    stage.main(params=str(tmp_path / "params.yaml"), model=tmp_path / "model.pt", data=tmp_path / "bench/target_test",
-               name="vspa", metrics_dir=Path("m"), plots_dir=Path("pr"), info_dir=Path("m/info"))
+    stage.main(
+        params=str(tmp_path / "params.yaml"),
+        model=tmp_path / "model.pt",
+        data=tmp_path / "bench/target_test",
+        name="vspa",
+        metrics_dir=Path("m"),
+        plots_dir=Path("pr"),
+        info_dir=Path("m/info"),
+    )
     metrics = json.loads((tmp_path / "m" / "vspa.json").read_text())
     info = json.loads((tmp_path / "m" / "info" / "vspa.json").read_text())
     assert set(metrics["subsets"]) == {"beta_0.02", "beta_0.01", "beta_0.005"}

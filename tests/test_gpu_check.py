@@ -17,8 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(args, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *args, "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
 
 
 def test_gpu_check_runs_every_stage_on_the_cpu_with_mixed_precision(tmp_path):
@@ -27,8 +33,14 @@ def test_gpu_check_runs_every_stage_on_the_cpu_with_mixed_precision(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["amp"] is True and report["iterations"] == 2
     stages = [r["stage"] for r in report["stages"]]
-    assert stages == ["pretrain", "extract_memory", "subsample", "adapt (VSPA)", "translate_train (attention + LG)",
-                      "evaluate"]
+    assert stages == [
+        "pretrain",
+        "extract_memory",
+        "subsample",
+        "adapt (VSPA)",
+        "translate_train (attention + LG)",
+        "evaluate",
+    ]
     assert all(r["seconds"] > 0 for r in report["stages"])
     assert "| pretrain |" in (tmp_path / "gpu_check.md").read_text()
 

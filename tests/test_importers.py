@@ -100,7 +100,9 @@ def test_voc_boxes_classes_difficult_and_clipping(tmp_path):
     ]
     third = _anns_of(data, "000003.jpg")
     # (30,10)-(45,35) clipped to the 40x30 image; (50,2)-(60,9) lies outside it and is dropped
-    assert [(a["bbox"], a["area"]) for a in third if a["category_id"] == cat["car"]] == [([29.0, 9.0, 11.0, 21.0], 231.0)]
+    assert [(a["bbox"], a["area"]) for a in third if a["category_id"] == cat["car"]] == [
+        ([29.0, 9.0, 11.0, 21.0], 231.0)
+    ]
     assert summary["stats"] == {"clipped_boxes": 1, "dropped_degenerate": 1}
     assert [a["id"] for a in data["annotations"]] == [a["object_id"] for a in data["annotations"]] == list(range(6))
     assert (summary["images"], summary["objects"], summary["crowd_regions"]) == (3, 5, 1)
@@ -132,8 +134,11 @@ def test_voc_to_comic2k_keeps_the_six_classes_and_drop_empty_removes_images(tmp_
 
 
 def test_comic2k_and_sim10k_defaults(tmp_path):
-    comic = make_voc(tmp_path / "comic", {"a1": (20, 20, [("dog", 1, 1, 10, 10, 0), ("cow", 1, 1, 5, 5, 0)])},
-                     lists={"train": ["a1"], "test": []})
+    comic = make_voc(
+        tmp_path / "comic",
+        {"a1": (20, 20, [("dog", 1, 1, 10, 10, 0), ("cow", 1, 1, 5, 5, 0)])},
+        lists={"train": ["a1"], "test": []},
+    )
     import_comic2k(comic, "train", tmp_path / "c")
     data = _load(tmp_path / "c")
     assert [c["name"] for c in data["categories"]] == list(COMIC2K_CLASSES)
@@ -157,8 +162,11 @@ def test_voc_layout_errors_name_the_missing_piece_and_print_the_tree(tmp_path):
     assert "JPEGImages/<id>.jpg" in msg and "ImageSets/Main/trainval.txt" in msg
     assert f"Did you mean {root}?" in msg and "Found in" in msg and "VOC2012/" in msg
 
-    with pytest.raises(VspaError, match=r"missing split list 'ImageSets/Main/trainval10k.txt' \(split lists found: "
-                                        r"trainval\)(.|\n)*split: all"):
+    with pytest.raises(
+        VspaError,
+        match=r"missing split list 'ImageSets/Main/trainval10k.txt' \(split lists found: "
+        r"trainval\)(.|\n)*split: all",
+    ):
         import_sim10k(root, "trainval10k", tmp_path / "o")
 
     (root / "JPEGImages" / "000002.jpg").unlink()
@@ -244,7 +252,8 @@ def test_foggy_cityscapes_beta_levels(tmp_path):
     assert len(data["annotations"]) == 4
     every = read_foggy_cityscapes(root, "train", beta="all")
     assert sorted(r.path.name for r in every.images) == [
-        f"{STEM}_leftImg8bit_foggy_beta_{b}.png" for b in ("0.005", "0.01", "0.02")]
+        f"{STEM}_leftImg8bit_foggy_beta_{b}.png" for b in ("0.005", "0.01", "0.02")
+    ]
     assert sorted(r.attrs["fog_beta"] for r in every.images) == [0.005, 0.01, 0.02]  # -> the COCO image entries
     assert data["images"][0]["fog_beta"] == 0.02
     assert all(r.attrs == {} for r in read_cityscapes(root, "train").images)  # clear images: no field
@@ -257,9 +266,12 @@ def test_foggy_cityscapes_beta_levels(tmp_path):
 
 def test_cityscapes_layout_errors(tmp_path):
     root = make_cityscapes(tmp_path / "cityscapes", betas=("0.02",))
-    with pytest.raises(VspaError, match=r"no image named \*_leftImg8bit_foggy_beta_0.005.png, \*_leftImg8bit_foggy_"
-                                        r"beta_0.01.png in 'leftImg8bit_foggy/train/<city>/'(.|\n)*Expected layout"
-                                        r"(.|\n)*Only beta 0.02 is there"):
+    with pytest.raises(
+        VspaError,
+        match=r"no image named \*_leftImg8bit_foggy_beta_0.005.png, \*_leftImg8bit_foggy_"
+        r"beta_0.01.png in 'leftImg8bit_foggy/train/<city>/'(.|\n)*Expected layout"
+        r"(.|\n)*Only beta 0.02 is there",
+    ):
         read_foggy_cityscapes(root, "train", beta="all")
     with pytest.raises(VspaError, match=r"missing folder 'leftImg8bit/val/'(.|\n)*gtFine/val/<city>/"):
         import_cityscapes(root, "val", tmp_path / "o")
@@ -268,7 +280,9 @@ def test_cityscapes_layout_errors(tmp_path):
     with pytest.raises(VspaError, match=r"unknown class name\(s\) motorbike"):
         import_cityscapes(root, "train", tmp_path / "o", classes=["car", "motorbike"])
     (root / "gtFine" / "train" / "aachen" / f"{STEM}_gtFine_instanceIds.png").unlink()
-    with pytest.raises(VspaError, match=rf"missing instance-id map\(s\): gtFine/train/aachen/{STEM}_gtFine_instanceIds"):
+    with pytest.raises(
+        VspaError, match=rf"missing instance-id map\(s\): gtFine/train/aachen/{STEM}_gtFine_instanceIds"
+    ):
         import_cityscapes(root, "train", tmp_path / "o")
     (root / "gtFine" / "train").rename(root / "gtFine" / "training")
     with pytest.raises(VspaError, match=r"missing folder 'gtFine/train/'(.|\n)*Found in .*: gtFine/, leftImg8bit/"):
@@ -310,11 +324,19 @@ def test_kitti_car_only_dontcare_dropped_and_class_map(tmp_path):
     assert [a["bbox"] for a in data["annotations"]] == [[10.5, 5.0, 19.75, 15.0]]
     assert summary["stats"] == {"dropped_dontcare": 1, "dropped_out_of_class": 2}
     assert summary["images"] == 2  # an image without objects stays unless drop_empty
-    mapped = import_kitti(root, "train", tmp_path / "m", class_map={"Car": "car", "Van": "car", "Pedestrian": "person"},
-                          classes=["car", "person"], drop_empty=True)
+    mapped = import_kitti(
+        root,
+        "train",
+        tmp_path / "m",
+        class_map={"Car": "car", "Van": "car", "Pedestrian": "person"},
+        classes=["car", "person"],
+        drop_empty=True,
+    )
     data = _load(tmp_path / "m")
     assert [(a["category_id"], a["bbox"]) for a in data["annotations"]] == [
-        (1, [10.5, 5.0, 19.75, 15.0]), (2, [2.0, 2.0, 4.0, 10.0]), (1, [40.0, 30.0, 10.0, 10.0]),  # Van clipped
+        (1, [10.5, 5.0, 19.75, 15.0]),
+        (2, [2.0, 2.0, 4.0, 10.0]),
+        (1, [40.0, 30.0, 10.0, 10.0]),  # Van clipped
     ]
     assert mapped["images"] == 1 and mapped["stats"]["clipped_boxes"] == 1
 
@@ -365,7 +387,9 @@ def _data_root(tmp_path: Path) -> Path:
 def test_prepare_scenario_builds_four_splits_with_a_held_out_sample(tmp_path):
     data_root = _data_root(tmp_path)
     out = tmp_path / "benchmark"
-    summaries = prepare_scenario(_sim_cityscapes_cfg(exclude="source_test"), data_root, out, scenario="sim10k_cityscapes")
+    summaries = prepare_scenario(
+        _sim_cityscapes_cfg(exclude="source_test"), data_root, out, scenario="sim10k_cityscapes"
+    )
     assert set(summaries) == {"source_train", "source_test", "target_train", "target_test"}
     splits = {name: json.loads((out / name / "annotations.json").read_text()) for name in summaries}
     assert all(d["categories"] == [{"id": 1, "name": "car"}] for d in splits.values())
@@ -375,7 +399,11 @@ def test_prepare_scenario_builds_four_splits_with_a_held_out_sample(tmp_path):
     assert summaries["source_train"]["stats"]["excluded_held_out"] == 1
     info = splits["target_test"]["info"]
     assert (info["scenario"], info["domain"], info["split"], info["dataset"]) == (
-        "sim10k_cityscapes", "target", "test", "foggy_cityscapes")
+        "sim10k_cityscapes",
+        "target",
+        "test",
+        "foggy_cityscapes",
+    )
     assert len(splits["target_test"]["images"]) == 3  # beta all: one image per fog level
     assert [a["bbox"] for a in splits["target_train"]["annotations"]] == [[3.0, 2.0, 8.0, 4.0], [20.0, 10.0, 12.0, 6.0]]
     # object ids are unique over the four splits (split code * 10_000_000 + annotation id), as the synthetic ones
@@ -424,12 +452,18 @@ def test_prepare_scenario_config_errors(tmp_path):
 def test_real_presets_select_importers_and_stop_at_the_missing_data(tmp_path, scenario):
     params = effective_params({"scenario": scenario})
     assert params["prepare"]["source"] == "import" and set(params["prepare"]["splits"]) == set(
-        ["source_train", "source_test", "target_train", "target_test"])
+        ["source_train", "source_test", "target_train", "target_test"]
+    )
     assert all(spec["importer"] in IMPORTERS for spec in params["prepare"]["splits"].values())
     assert params["model"]["min_size"] == 600 and params["pretrain"]["batch_size"] == 4
     adapt = params["adapt"]
     assert (adapt["tau"], adapt["margin"], adapt["lambda_fg"], adapt["lambda_bg"], adapt["lambda_unsup"]) == (
-        0.8, 1.5, 0.05, 0.05, 1.0)
+        0.8,
+        1.5,
+        0.05,
+        0.05,
+        1.0,
+    )
     (tmp_path / "datasets").mkdir()
     with pytest.raises(VspaError, match=r"the dataset folder does not exist(.|\n)*Expected layout"):
         prepare_scenario(params["prepare"], tmp_path / "datasets", tmp_path / "o", scenario=scenario)
@@ -437,8 +471,11 @@ def test_real_presets_select_importers_and_stop_at_the_missing_data(tmp_path, sc
 
 def test_require_pretrained(tmp_path):
     sim = effective_params({"scenario": "sim10k_cityscapes"})["model"]
-    with pytest.raises(VspaError, match=r"model.pretrained_weights is null(.|\n)*ResNet101_Weights.IMAGENET1K_V1"
-                                        r"(.|\n)*-S model.pretrained_weights="):
+    with pytest.raises(
+        VspaError,
+        match=r"model.pretrained_weights is null(.|\n)*ResNet101_Weights.IMAGENET1K_V1"
+        r"(.|\n)*-S model.pretrained_weights=",
+    ):
         require_pretrained(sim, "sim10k_cityscapes")
     city = effective_params({"scenario": "cityscapes_foggy"})["model"]
     with pytest.raises(VspaError, match=r"r16.pth: no such file(.|\n)*VGG16_Weights.IMAGENET1K_V1"):
@@ -466,18 +503,31 @@ def test_training_stage_of_a_real_preset_stops_without_weights(tmp_path, monkeyp
 
     monkeypatch.setattr(train, "train_detector", fake_train)
     params = tmp_path / "my_params.yaml"
-    params.write_text(yaml.safe_dump({"scenario": "sim10k_cityscapes", "model": {"pretrained_weights": None},
-                                      section: {"device": "cpu"}}))
+    params.write_text(
+        yaml.safe_dump(
+            {"scenario": "sim10k_cityscapes", "model": {"pretrained_weights": None}, section: {"device": "cpu"}}
+        )
+    )
     data = tmp_path / "split"
     data.mkdir()
     write_coco(data / "annotations.json", [], [], [{"id": 1, "name": "car"}], {})
     args = (str(params), section, data, tmp_path / "model.pt", tmp_path / "log.csv", tmp_path / "work", "test")
-    with pytest.raises(VspaError, match=r"my_params.yaml: scenario sim10k_cityscapes(.|\n)*pretrained_weights is null"
-                                        r"(.|\n)*1. ImageNet weights(.|\n)*model.from_scratch=true"):
+    with pytest.raises(
+        VspaError,
+        match=r"my_params.yaml: scenario sim10k_cityscapes(.|\n)*pretrained_weights is null"
+        r"(.|\n)*1. ImageNet weights(.|\n)*model.from_scratch=true",
+    ):
         train.run_training_stage(*args)
     assert not started and not (tmp_path / "model.pt").exists()
-    params.write_text(yaml.safe_dump({"scenario": "sim10k_cityscapes", "model": {"from_scratch": True,
-                                      "backbone": "small"}, section: {"device": "cpu"}}))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "scenario": "sim10k_cityscapes",
+                "model": {"from_scratch": True, "backbone": "small"},
+                section: {"device": "cpu"},
+            }
+        )
+    )
     with pytest.raises(RuntimeError, match="training started"):  # the explicit opt-out goes on to train
         train.run_training_stage(*args)
 
@@ -499,15 +549,30 @@ def test_smoke_fixture_has_the_real_layout_and_size_and_imports(tmp_path, scenar
         params["prepare"]["splits"]["source_test"]["sample"] = 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "stages" / "prepare.py"),
-                           "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "bench"),
-                           "--summary", str(tmp_path / "summary.json")], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parents[1] / "stages" / "prepare.py"),
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--out",
+            str(tmp_path / "bench"),
+            "--summary",
+            str(tmp_path / "summary.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())["splits"]
     assert all(summary[s]["images"] >= 2 and summary[s]["objects"] >= 2 for s in summary)
     sizes = {(im["width"], im["height"]) for s in summary for im in _load(tmp_path / "bench" / s)["images"]}
-    expected = {"cityscapes_foggy": {(2048, 1024)}, "sim10k_cityscapes": {(1914, 1052), (2048, 1024)},
-                "voc_comic2k": {(500, 375), (640, 480)}}[scenario]
+    expected = {
+        "cityscapes_foggy": {(2048, 1024)},
+        "sim10k_cityscapes": {(1914, 1052), (2048, 1024)},
+        "voc_comic2k": {(500, 375), (640, 480)},
+    }[scenario]
     assert sizes == expected
     if scenario == "cityscapes_foggy":  # foggy target: train at beta 0.02, test at all three levels, each tagged
         train = _load(tmp_path / "bench" / "target_train")["images"]

@@ -92,7 +92,15 @@ def test_hdf5_round_trip(tmp_path, index):
     path = tmp_path / "m.h5"
     write_memory(path, bank, chunk_rows=7)  # several chunks
     got = open_memory(path, expected_dim=8)
-    for name in ("fg_features", "fg_labels", "fg_image_ids", "fg_object_ids", "fg_boxes", "bg_features", "bg_image_ids"):
+    for name in (
+        "fg_features",
+        "fg_labels",
+        "fg_image_ids",
+        "fg_object_ids",
+        "fg_boxes",
+        "bg_features",
+        "bg_image_ids",
+    ):
         assert np.array_equal(getattr(got, name), getattr(bank, name)), name
     if index:
         assert np.array_equal(got.fg_index, bank.fg_index) and np.array_equal(got.bg_index, bank.bg_index)
@@ -155,7 +163,10 @@ def _unknown_label(f):
 BAD_EDITS = {
     "nogroup": (lambda f: f.__delitem__("bg"), r"group 'bg' is missing"),
     "nodataset": (lambda f: f.__delitem__("fg/object_ids"), r"dataset 'fg/object_ids' is missing"),
-    "wrongdim": (lambda f: f.attrs.create("feature_dim", 16), r"'fg/features' has feature dimension \(8,\), expected \(16,\)"),
+    "wrongdim": (
+        lambda f: f.attrs.create("feature_dim", 16),
+        r"'fg/features' has feature dimension \(8,\), expected \(16,\)",
+    ),
     "version": (lambda f: f.attrs.create("format_version", 99), r"format version 99 is not supported"),
     "nan": (_set_nan, r"fg/features has 2 row\(s\) with NaN or inf values \(rows 3, 4\)"),
     "inf": (_set_inf, r"bg/features has 1 row\(s\) .*\(rows 2\)"),
@@ -198,7 +209,9 @@ def test_foreground_entry_equals_direct_pool_and_box_head(tmp_path):
     det = tiny_detector()
     items = make_items()
     path = tmp_path / "full.h5"
-    stats = extract_memory(det, ListDataset(items), path, batch_size=2, chunk_rows=2, progress=False, attrs={"checkpoint_sha256": "x"})
+    stats = extract_memory(
+        det, ListDataset(items), path, batch_size=2, chunk_rows=2, progress=False, attrs={"checkpoint_sha256": "x"}
+    )
     assert (stats.images, stats.fg_rows, stats.bg_rows, stats.fg_dropped) == (3, 3, 3, 0)
     bank = open_memory(path, expected_dim=1024)
     assert bank.fg_image_ids.tolist() == [10, 10, 11] and bank.fg_object_ids.tolist() == [0, 1, 100]
@@ -232,8 +245,13 @@ def test_background_entry_masks_exactly_the_box_cells_of_a_hand_made_map(tmp_pat
     fmap[..., 1:5, 2:6] = 1000.0  # the box cells: must not leak into the background entry
     fmap[..., 5:7, 11:14] = -1000.0  # the crowd region's cells: not an entry, but not background either
     det.backbone_features = lambda image_list: OrderedDict([("0", fmap)])
-    target = {"boxes": torch.tensor([box]), "labels": torch.tensor([1]), "image_id": 0, "object_ids": torch.tensor([5]),
-              "ignore_boxes": torch.tensor([crowd])}
+    target = {
+        "boxes": torch.tensor([box]),
+        "labels": torch.tensor([1]),
+        "image_id": 0,
+        "object_ids": torch.tensor([5]),
+        "ignore_boxes": torch.tensor([crowd]),
+    }
     path = tmp_path / "m.h5"
     extract_memory(det, ListDataset([(image, target)]), path, progress=False)
     with h5py.File(path) as f:
@@ -307,8 +325,17 @@ def test_stages_extract_then_subsample(tmp_path, monkeypatch):
         Image.fromarray(rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(split / "images" / f"{i}.png")
         images.append({"id": i, "file_name": f"images/{i}.png", "width": 64, "height": 32})
         for j in range(2):
-            annotations.append({"id": 2 * i + j, "image_id": i, "category_id": j + 1, "bbox": [4 + 20 * j, 4, 16, 20],
-                                "area": 320.0, "iscrowd": 0, "object_id": 50 + 2 * i + j})
+            annotations.append(
+                {
+                    "id": 2 * i + j,
+                    "image_id": i,
+                    "category_id": j + 1,
+                    "bbox": [4 + 20 * j, 4, 16, 20],
+                    "area": 320.0,
+                    "iscrowd": 0,
+                    "object_id": 50 + 2 * i + j,
+                }
+            )
     categories = [{"id": 1, "name": "car"}, {"id": 2, "name": "person"}]
     write_coco(split / "annotations.json", images, annotations, categories, info={})
     det = tiny_detector()
@@ -320,7 +347,9 @@ def test_stages_extract_then_subsample(tmp_path, monkeypatch):
         "subsample: {method: coreset, fg_ratio: 0.5, bg_ratio: 0.5, projection_dim: 0, seed: 0, device: cpu}\n"
     )
     full, sub = tmp_path / "full.h5", tmp_path / "sub.h5"
-    stage("extract_memory")(params=str(params), model=tmp_path / "model.pt", data=split, out=full, stats=tmp_path / "extract.json")
+    stage("extract_memory")(
+        params=str(params), model=tmp_path / "model.pt", data=split, out=full, stats=tmp_path / "extract.json"
+    )
     bank = open_memory(full, expected_dim=1024)
     assert len(bank.fg_labels) == 8 and len(bank.bg_image_ids) == 4
     assert sorted(bank.fg_object_ids.tolist()) == list(range(50, 58))

@@ -222,15 +222,26 @@ def test_pairing_triplets_use_the_counterpart_and_drop_unmatched(table, detector
     features = torch.as_tensor(rng.normal(size=(2, len(object_ids), 16)), dtype=torch.float32)
     bank = PairingBank("color", object_ids, features)
     memory = MemoryBank(
-        fg_features=rng.normal(size=(6, 16)).astype(np.float32), fg_labels=np.array([1, 1, 2, 2, 3, 3]),
-        fg_image_ids=np.arange(6), fg_object_ids=np.arange(6), fg_boxes=np.zeros((6, 4), np.float32),
-        bg_features=rng.normal(size=(2, 16)).astype(np.float32), bg_image_ids=np.arange(2),
+        fg_features=rng.normal(size=(6, 16)).astype(np.float32),
+        fg_labels=np.array([1, 1, 2, 2, 3, 3]),
+        fg_image_ids=np.arange(6),
+        fg_object_ids=np.arange(6),
+        fg_boxes=np.zeros((6, 4), np.float32),
+        bg_features=rng.normal(size=(2, 16)).astype(np.float32),
+        bg_image_ids=np.arange(2),
         attrs={"class_names": ["car", "person", "truck"]},
     )
     anchors = torch.randn(3, 16, requires_grad=True)
     ids = torch.tensor([int(object_ids[1]), -1, int(object_ids[0])])
-    triplets = pairing_triplets(bank, Retriever(memory), anchors, torch.tensor([1, 2, 3]), ids,
-                                torch.tensor([True, False, False]), torch.Generator().manual_seed(0))
+    triplets = pairing_triplets(
+        bank,
+        Retriever(memory),
+        anchors,
+        torch.tensor([1, 2, 3]),
+        ids,
+        torch.tensor([True, False, False]),
+        torch.Generator().manual_seed(0),
+    )
     assert len(triplets.anchor) == 2
     assert torch.equal(triplets.positive[0], bank.features[1, 1])  # object 1 seen mirrored
     assert torch.equal(triplets.positive[1], bank.features[0, 0])

@@ -13,9 +13,11 @@ from vspa.config import available_scenarios, compose, dump_params, effective_par
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 # keys whose null is a value ("not given"), not a placeholder for a scenario's value
-OPTIONAL_NULLS = {"model.pretrained_weights"} | {f"prepare.coco.{s}.{k}" for s in
-                                                 ("source_train", "source_test", "target_train", "target_test")
-                                                 for k in ("json", "images")}
+OPTIONAL_NULLS = {"model.pretrained_weights"} | {
+    f"prepare.coco.{s}.{k}"
+    for s in ("source_train", "source_test", "target_train", "target_test")
+    for k in ("json", "images")
+}
 
 
 def nulls(tree, path=""):
@@ -26,7 +28,8 @@ def nulls(tree, path=""):
 
 def test_committed_params_are_the_default_composition():
     assert (ROOT / "params.yaml").read_text() == dump_params(compose(CONF)), (
-        "params.yaml is not the composition of conf/: run `make params` after editing conf/ or a scenario file.")
+        "params.yaml is not the composition of conf/: run `make params` after editing conf/ or a scenario file."
+    )
 
 
 def test_dvc_writes_the_same_file(tmp_path):

@@ -61,6 +61,7 @@ def test_pretrain_with_amp_runs_resumes_and_records_it(tmp_path):
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     # and mixed precision really changed the arithmetic
-    fp32 = train_detector(TinyDataset(), fresh_detector(), train_cfg(), tmp_path / "c", tmp_path / "c.csv",
-                          progress=False)
+    fp32 = train_detector(
+        TinyDataset(), fresh_detector(), train_cfg(), tmp_path / "c", tmp_path / "c.csv", progress=False
+    )
     assert any(not torch.equal(a, b) for a, b in zip(full.state_dict().values(), fp32.state_dict().values()))

@@ -61,7 +61,9 @@ def test_gap_is_undefined_without_the_oracle(metrics_dir):
     (metrics_dir / "oracle_on_target.json").unlink()
     comp = build_comparison(default_rows(["source_on_target", "vspa", "oracle_on_target"], metrics_dir))
     assert [r.get("gap_closed") for r in comp["rows"]] == [None, None, None]
-    assert "| VSPA: mean teacher + memory fg/bg alignment (ours) | 45.0 | 25.0 | 20.0 | 30.0 | – |" in render_markdown(comp)
+    assert "| VSPA: mean teacher + memory fg/bg alignment (ours) | 45.0 | 25.0 | 20.0 | 30.0 | – |" in render_markdown(
+        comp
+    )
 
 
 def test_all_rows_missing_is_not_a_crash(tmp_path):
@@ -104,16 +106,30 @@ def test_report_stage_writes_both_files(metrics_dir, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("scenario: synth_fog\n")
     out, json_out = tmp_path / "reports" / "comparison.md", tmp_path / "reports" / "comparison.json"
-    cmd = [sys.executable, str(ROOT / "stages" / "report.py"), "--params", str(params), "--rows",
-           "source_on_target,at_like,vspa,oracle_on_target", "--out", str(out), "--json-out", str(json_out),
-           "--metrics-dir", str(metrics_dir)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "stages" / "report.py"),
+        "--params",
+        str(params),
+        "--rows",
+        "source_on_target,at_like,vspa,oracle_on_target",
+        "--out",
+        str(out),
+        "--json-out",
+        str(json_out),
+        "--metrics-dir",
+        str(metrics_dir),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "3 rows, 1 missing" in proc.stdout
-    assert "| VSPA: mean teacher + memory fg/bg alignment (ours) | 45.0 | 25.0 | 20.0 | 30.0 | 25.0% |" in out.read_text()
+    assert (
+        "| VSPA: mean teacher + memory fg/bg alignment (ours) | 45.0 | 25.0 | 20.0 | 30.0 | 25.0% |" in out.read_text()
+    )
     assert "paper" not in json.loads(json_out.read_text())  # synth_fog is not a scenario of the paper
-    bad = subprocess.run(cmd[:-2] + ["--metrics-dir", str(metrics_dir), "--paper", "nope"], capture_output=True,
-                         text=True, cwd=tmp_path)
+    bad = subprocess.run(
+        cmd[:-2] + ["--metrics-dir", str(metrics_dir), "--paper", "nope"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown paper scenario 'nope'")
 
 
@@ -122,13 +138,26 @@ def test_subsets_become_rows_with_their_own_gap(tmp_path):
     d = tmp_path / "m"
     for name, whole, sub in (("source_on_target", 20.0, 10.0), ("vspa", 30.0, 25.0), ("oracle_on_target", 60.0, 50.0)):
         d.mkdir(exist_ok=True)
-        (d / f"{name}.json").write_text(json.dumps({
-            "mAP": whole, "AP": {"car": whole}, "num_images": 6,
-            "subsets": {"beta_0.02": {"mAP": sub, "AP": {"car": sub}, "num_images": 2}}}))
+        (d / f"{name}.json").write_text(
+            json.dumps(
+                {
+                    "mAP": whole,
+                    "AP": {"car": whole},
+                    "num_images": 6,
+                    "subsets": {"beta_0.02": {"mAP": sub, "AP": {"car": sub}, "num_images": 2}},
+                }
+            )
+        )
     comp = build_comparison(default_rows(["source_on_target", "vspa", "oracle_on_target"], d))
     names = [e["name"] for e in comp["rows"]]
-    assert names == ["source_on_target", "vspa", "oracle_on_target",
-                     "source_on_target@beta_0.02", "vspa@beta_0.02", "oracle_on_target@beta_0.02"]
+    assert names == [
+        "source_on_target",
+        "vspa",
+        "oracle_on_target",
+        "source_on_target@beta_0.02",
+        "vspa@beta_0.02",
+        "oracle_on_target@beta_0.02",
+    ]
     by = {e["name"]: e for e in comp["rows"]}
     assert by["vspa"]["gap_closed"] == pytest.approx(25.0)  # (30 - 20) / (60 - 20)
     assert by["vspa@beta_0.02"]["gap_closed"] == pytest.approx(37.5)  # (25 - 10) / (50 - 10)

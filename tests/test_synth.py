@@ -33,8 +33,18 @@ SMALL = {"source_train": 5, "source_test": 4, "target_train": 4, "target_test": 
 
 
 def _generate(out, scenario="synth_fog", sizes=SMALL, seed=0, workers=1, beta=0.04):
-    return generate_benchmark(out, scenario, sizes, seed=seed, height=64, width=128, fog_beta=beta,
-                              fog_airlight=0.8, workers=workers, progress=False)
+    return generate_benchmark(
+        out,
+        scenario,
+        sizes,
+        seed=seed,
+        height=64,
+        width=128,
+        fog_beta=beta,
+        fog_airlight=0.8,
+        workers=workers,
+        progress=False,
+    )
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -166,6 +176,7 @@ def test_orientations_have_different_shapes():
         assert not np.array_equal(side.rgb, side.rgb[:, ::-1])  # side and side_mirrored differ
     for fn in (_car, _truck):  # vehicles: long from the side, narrow from the front
         assert sprite(fn, "side").w > 1.8 * sprite(fn, "front").w
+
     def red(s):
         return int(((s.rgb[..., 0] > 0.8) & (s.rgb[..., 1] < 0.1)).sum())
 
@@ -204,8 +215,9 @@ def test_target_is_the_fogged_scene_of_its_depth_map():
 
 
 def test_synth_real_is_car_only_and_its_domains_look_different(tmp_path):
-    summary = _generate(tmp_path, "synth_real", {"source_train": 2, "source_test": 1, "target_train": 2,
-                                                 "target_test": 1})
+    summary = _generate(
+        tmp_path, "synth_real", {"source_train": 2, "source_test": 1, "target_train": 2, "target_test": 1}
+    )
     for split in SPLITS:
         data = _annotations(tmp_path / split)
         assert data["categories"] == [{"id": 1, "name": "car"}]
@@ -226,8 +238,18 @@ def test_bad_arguments_name_the_param(tmp_path):
         ({"fog_beta": 3.0}, "prepare.fog_beta"),
     ]
     for override, needle in cases:
-        kwargs = dict(out_dir=tmp_path / "x", scenario="synth_fog", sizes=SMALL, seed=0, height=64, width=128,
-                      fog_beta=0.04, fog_airlight=0.8, workers=1, progress=False)
+        kwargs = dict(
+            out_dir=tmp_path / "x",
+            scenario="synth_fog",
+            sizes=SMALL,
+            seed=0,
+            height=64,
+            width=128,
+            fog_beta=0.04,
+            fog_airlight=0.8,
+            workers=1,
+            progress=False,
+        )
         kwargs.update(override)
         with pytest.raises(VspaError, match=needle.replace(".", r"\.")):
             generate_benchmark(**kwargs)
@@ -245,8 +267,18 @@ def _stage():
 
 def _params(tmp_path: Path, **prepare) -> str:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["prepare"].update({"height": 64, "width": 128, "source_train": 2, "source_test": 1,
-                              "target_train": 2, "target_test": 1, "target_val": 1, **prepare})
+    params["prepare"].update(
+        {
+            "height": 64,
+            "width": 128,
+            "source_train": 2,
+            "source_test": 1,
+            "target_train": 2,
+            "target_test": 1,
+            "target_val": 1,
+            **prepare,
+        }
+    )
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return str(path)
@@ -278,9 +310,18 @@ def test_default_sizes_need_under_a_minute_of_two_cores(tmp_path):
         return own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
 
     start = cpu_seconds()
-    summary = generate_benchmark(tmp_path, "synth_fog", sizes, seed=0, height=params["height"],
-                                 width=params["width"], fog_beta=params["fog_beta"],
-                                 fog_airlight=params["fog_airlight"], workers=2, progress=False)
+    summary = generate_benchmark(
+        tmp_path,
+        "synth_fog",
+        sizes,
+        seed=0,
+        height=params["height"],
+        width=params["width"],
+        fog_beta=params["fog_beta"],
+        fog_airlight=params["fog_airlight"],
+        workers=2,
+        progress=False,
+    )
     assert cpu_seconds() - start < 80  # i.e. under 40 s of wall time on two free cores
     assert all(math.isclose(s["objects_per_image"], 4, abs_tol=2) for s in summary["splits"].values())
 
@@ -291,27 +332,50 @@ def test_target_val_is_its_own_stream_and_leaves_the_other_splits_unchanged(tiny
     from conftest import TINY_HEIGHT, TINY_WIDTH, TINY_SIZES
 
     out = tmp_path / "with_val"
-    generate_benchmark(out, "synth_fog", {**TINY_SIZES, "target_val": 3}, seed=0, height=TINY_HEIGHT,
-                       width=TINY_WIDTH, fog_beta=0.04, fog_airlight=0.8, workers=1, progress=False)
+    generate_benchmark(
+        out,
+        "synth_fog",
+        {**TINY_SIZES, "target_val": 3},
+        seed=0,
+        height=TINY_HEIGHT,
+        width=TINY_WIDTH,
+        fog_beta=0.04,
+        fog_airlight=0.8,
+        workers=1,
+        progress=False,
+    )
     for split in SPLITS:
         for name in ("annotations.json", "images/000000.png", "images/000003.png"):
             assert (out / split / name).read_bytes() == (Path(tiny_benchmark) / split / name).read_bytes()
     val = _annotations(out / "target_val")
     assert len(val["images"]) == 3 and val["info"]["domain"] == "target" and val["info"]["foggy"]
-    assert (out / "target_val" / "images/000000.png").read_bytes() != (out / "target_test" / "images/000000.png").read_bytes()
+    assert (out / "target_val" / "images/000000.png").read_bytes() != (
+        out / "target_test" / "images/000000.png"
+    ).read_bytes()
     ids = [a["object_id"] for s in (*SPLITS, "target_val") for a in _annotations(out / s)["annotations"]]
     assert len(set(ids)) == len(ids)
     with pytest.raises(VspaError, match="target_val"):
-        generate_benchmark(tmp_path / "bad", "synth_fog", {**TINY_SIZES, "source_val": 3}, seed=0, height=TINY_HEIGHT,
-                           width=TINY_WIDTH, fog_beta=0.04, fog_airlight=0.8, workers=1, progress=False)
+        generate_benchmark(
+            tmp_path / "bad",
+            "synth_fog",
+            {**TINY_SIZES, "source_val": 3},
+            seed=0,
+            height=TINY_HEIGHT,
+            width=TINY_WIDTH,
+            fog_beta=0.04,
+            fog_airlight=0.8,
+            workers=1,
+            progress=False,
+        )
 
 
 def test_high_diversity_patterns_stretches_and_a_rare_class(tmp_path):
     """prepare.diversity: high is deterministic, labels stay tight (boxes = visible masks), every object gets a
     pattern, truck becomes rare, and colours spread over the hue circle; standard is the benchmark as before."""
     sizes = {"source_train": 40, "source_test": 0, "target_train": 2, "target_test": 0}
-    high = generate_benchmark(tmp_path / "high", "synth_fog", sizes, 0, 96, 192, 0.04, 0.8, workers=1,
-                              progress=False, diversity="high")
+    high = generate_benchmark(
+        tmp_path / "high", "synth_fog", sizes, 0, 96, 192, 0.04, 0.8, workers=1, progress=False, diversity="high"
+    )
     std = generate_benchmark(tmp_path / "std", "synth_fog", sizes, 0, 96, 192, 0.04, 0.8, workers=1, progress=False)
     assert high["diversity"] == "high" and "diversity" not in std  # standard summaries and files as before
     data = _annotations(tmp_path / "high" / "source_train")
@@ -320,6 +384,7 @@ def test_high_diversity_patterns_stretches_and_a_rare_class(tmp_path):
     patterns = [a["attributes"]["pattern"] for a in anns]
     assert set(patterns) == {"plain", "two_tone", "stripes", "checks", "speckles"}
     assert all("pattern" not in a["attributes"] for a in _annotations(tmp_path / "std" / "source_train")["annotations"])
+
     def truck_share(summary):
         split = summary["splits"]["source_train"]
         return split["per_class"]["truck"] / split["objects"]
@@ -328,8 +393,11 @@ def test_high_diversity_patterns_stretches_and_a_rare_class(tmp_path):
     import colorsys
 
     def hue_bins(annotations, cls_id):
-        hues = [colorsys.rgb_to_hsv(*(c / 255 for c in a["attributes"]["color"]))[0] for a in annotations
-                if a["category_id"] == cls_id]
+        hues = [
+            colorsys.rgb_to_hsv(*(c / 255 for c in a["attributes"]["color"]))[0]
+            for a in annotations
+            if a["category_id"] == cls_id
+        ]
         return len({int(h * 12) % 12 for h in hues})
 
     assert hue_bins(anns, 1) >= 10  # cars of (nearly) every hue

@@ -16,9 +16,19 @@ from vspa.detection.train import CSV_COLUMNS, TrainConfig, global_batch, train_d
 from vspa.utils import VspaError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = dict(backbone="small", small_width=8, min_size=64, max_size=128, anchor_sizes=[16, 32, 64],
-                  aspect_ratios=[0.5, 1.0], rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
-                  rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_batch_size_per_image=32)
+TINY_MODEL = dict(
+    backbone="small",
+    small_width=8,
+    min_size=64,
+    max_size=128,
+    anchor_sizes=[16, 32, 64],
+    aspect_ratios=[0.5, 1.0],
+    rpn_pre_nms_top_n_train=200,
+    rpn_post_nms_top_n_train=100,
+    rpn_pre_nms_top_n_test=200,
+    rpn_post_nms_top_n_test=100,
+    box_batch_size_per_image=32,
+)
 
 
 class TinyDataset(torch.utils.data.Dataset):
@@ -171,7 +181,10 @@ def test_two_processes_train_in_sync_and_only_rank0_writes(tmp_path):
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -198,8 +211,16 @@ def write_tiny_split(folder: Path) -> None:
         images.append({"id": i, "file_name": name, "width": 128, "height": 64})
         for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
             x1, y1, x2, y2 = box
-            annotations.append({"id": len(annotations), "image_id": i, "category_id": label, "iscrowd": 0,
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+            annotations.append(
+                {
+                    "id": len(annotations),
+                    "image_id": i,
+                    "category_id": label,
+                    "iscrowd": 0,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                }
+            )
     categories = [{"id": 1, "name": "car"}, {"id": 2, "name": "person"}]
     write_coco(folder / "annotations.json", images, annotations, categories, info={"split": "train"})
 
@@ -214,12 +235,28 @@ def test_training_stage_writes_checkpoint_and_log_and_resumes(tmp_path, capsys):
     params = {
         "scenario": "synth_fog",
         "model": {**TINY_MODEL, "pretrained_weights": None},
-        "oracle": {"seed": 0, "device": "cpu", "iterations": 2, "batch_size": 2, "lr": 0.01, "warmup_iters": 1,
-                   "lr_steps": [], "strong_aug": False, "checkpoint_every": 1},
+        "oracle": {
+            "seed": 0,
+            "device": "cpu",
+            "iterations": 2,
+            "batch_size": 2,
+            "lr": 0.01,
+            "warmup_iters": 1,
+            "lr_steps": [],
+            "strong_aug": False,
+            "checkpoint_every": 1,
+        },
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    args = (str(tmp_path / "params.yaml"), "oracle", tmp_path / "split", tmp_path / "m.pt", tmp_path / "l.csv",
-            tmp_path / "work", "oracle training")
+    args = (
+        str(tmp_path / "params.yaml"),
+        "oracle",
+        tmp_path / "split",
+        tmp_path / "m.pt",
+        tmp_path / "l.csv",
+        tmp_path / "work",
+        "oracle training",
+    )
     run_training_stage(*args)
     detector, meta = checkpoint.load(tmp_path / "m.pt")
     assert meta["class_names"] == ["car", "person"] and meta["extra"]["stage"] == "oracle"

@@ -44,8 +44,17 @@ def test_old_import_paths_are_the_shared_functions():
 
 def test_lr_factor_warms_up_then_steps_exactly_as_before():
     cfg = TrainConfig.from_params(dict(iterations=100, batch_size=2, lr=0.01, warmup_iters=10, lr_steps=[20, 50]))
-    expected = {0: 0.001, 5: 0.5005, 9: 0.9001, 10: 1.0, 19: 1.0, 20: 0.1, 49: 0.1, 50: 0.010000000000000002,
-                99: 0.010000000000000002}
+    expected = {
+        0: 0.001,
+        5: 0.5005,
+        9: 0.9001,
+        10: 1.0,
+        19: 1.0,
+        20: 0.1,
+        49: 0.1,
+        50: 0.010000000000000002,
+        99: 0.010000000000000002,
+    }
     assert {i: cfg.lr_factor(i) for i in expected} == expected  # exact floats: the lr is in the loss log
     assert {i: schedule.lr_factor(i, 10, [20, 50]) for i in expected} == expected
     adapt = AdaptConfig.from_params(dict(iterations=100, batch_size=2, lr=0.01, warmup_iters=4))

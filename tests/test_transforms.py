@@ -96,7 +96,5 @@ def test_strong_probabilities_roughly_as_specified():
         for out in (strong(image, seed, erase=False) for seed in range(200))
     )
     assert 20 <= gray <= 60  # grayscale p = 0.2
-    erased = sum(
-        bool((strong(image, seed) != strong(image, seed, erase=False)).any()) for seed in range(100)
-    )
+    erased = sum(bool((strong(image, seed) != strong(image, seed, erase=False)).any()) for seed in range(100))
     assert 78 <= erased <= 98  # 1 - 0.3 * 0.5 * 0.7 = 0.895

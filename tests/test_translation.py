@@ -180,8 +180,9 @@ def test_momentum_copy_follows_the_ema_rule():
     old_head = lg.momentum_heads.local_heads[2][0].weight.clone()
     lg.momentum_update(g)
     torch.testing.assert_close(lg.momentum_attention.logits.weight, 0.9 * old + 0.1 * g.attention.logits.weight)
-    torch.testing.assert_close(lg.momentum_heads.local_heads[2][0].weight,
-                               0.9 * old_head + 0.1 * lg.heads.local_heads[2][0].weight)
+    torch.testing.assert_close(
+        lg.momentum_heads.local_heads[2][0].weight, 0.9 * old_head + 0.1 * lg.heads.local_heads[2][0].weight
+    )
     assert all(not p.requires_grad for p in lg.momentum_encoder.parameters())
 
 
@@ -206,11 +207,15 @@ def test_translate_config_validation():
         TranslateConfig.from_params({**base, "lr": None})
     with pytest.raises(VspaError, match="unknown key.*lambda_idt"):
         TranslateConfig.from_params({**base, "lambda_idt": 1.0})
-    with pytest.raises(VspaError, match="translate.variant 'cyclegan' is unknown. Use one of: cut, attention, attention_lg"):
+    with pytest.raises(
+        VspaError, match="translate.variant 'cyclegan' is unknown. Use one of: cut, attention, attention_lg"
+    ):
         TranslateConfig.from_params({**base, "variant": "cyclegan"})
     with pytest.raises(VspaError, match="crop_height must be a positive multiple of 16"):
         TranslateConfig.from_params({**base, "variant": "attention_lg", "crop_height": 72, "crop_width": 128})
-    assert TranslateConfig.from_params({**base, "variant": "cut", "crop_height": 72, "crop_width": 128}).crop_height == 72
+    assert (
+        TranslateConfig.from_params({**base, "variant": "cut", "crop_height": 72, "crop_width": 128}).crop_height == 72
+    )
     assert TranslateConfig.from_params({**base, "crop_height": None, "crop_width": None}).crop_height is None
     with pytest.raises(VspaError, match="set both translate.crop_height and translate.crop_width"):
         TranslateConfig.from_params({**base, "crop_height": None})
@@ -229,8 +234,22 @@ def test_lr_factor_is_constant_then_linear():
 # --------------------------------------------------------------------------- training, resumption, stages
 
 STAGE_PARAMS = translate_params(  # a few tiny iterations: checks the plumbing, not the quality
-    variant="attention_lg", iterations=4, batch_size=1, lr=2e-4, crop_height=32, crop_width=64, ngf=4, n_blocks=1,
-    n_content=2, ndf=8, num_patches=16, queue_size=8, momentum=0.9, ga_warmup=2, seed=0, device="cpu",
+    variant="attention_lg",
+    iterations=4,
+    batch_size=1,
+    lr=2e-4,
+    crop_height=32,
+    crop_width=64,
+    ngf=4,
+    n_blocks=1,
+    n_content=2,
+    ndf=8,
+    num_patches=16,
+    queue_size=8,
+    momentum=0.9,
+    ga_warmup=2,
+    seed=0,
+    device="cpu",
     checkpoint_every=2,
 )
 
@@ -246,8 +265,9 @@ def test_training_resumes_to_the_same_model(tiny_splits, tmp_path, monkeypatch):
 
     cfg = TranslateConfig.from_params(STAGE_PARAMS)
     args = (tiny_splits["target_train"], tiny_splits["source_train"])
-    straight = trainer.train_translator(cfg, *args, tmp_path / "a/model.pt", tmp_path / "a/state.pt",
-                                        tmp_path / "a/losses.csv", progress=False)
+    straight = trainer.train_translator(
+        cfg, *args, tmp_path / "a/model.pt", tmp_path / "a/state.pt", tmp_path / "a/losses.csv", progress=False
+    )
     assert straight["resumed_from"] == 0
 
     real_step, calls = trainer.train_step, []
@@ -260,12 +280,14 @@ def test_training_resumes_to_the_same_model(tiny_splits, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train_translator(cfg, *args, tmp_path / "b/model.pt", tmp_path / "b/state.pt",
-                                 tmp_path / "b/losses.csv", progress=False)
+        trainer.train_translator(
+            cfg, *args, tmp_path / "b/model.pt", tmp_path / "b/state.pt", tmp_path / "b/losses.csv", progress=False
+        )
     assert not (tmp_path / "b/model.pt").exists()
     monkeypatch.setattr(trainer, "train_step", real_step)
-    resumed = trainer.train_translator(cfg, *args, tmp_path / "b/model.pt", tmp_path / "b/state.pt",
-                                       tmp_path / "b/losses.csv", progress=False)
+    resumed = trainer.train_translator(
+        cfg, *args, tmp_path / "b/model.pt", tmp_path / "b/state.pt", tmp_path / "b/losses.csv", progress=False
+    )
     assert resumed["resumed_from"] == 2
     a = torch.load(tmp_path / "a/model.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "b/model.pt", weights_only=False)["state_dict"]
@@ -290,11 +312,24 @@ def test_translate_train_apply_evaluate_stages(tiny_splits, tmp_path):
     from vspa.detection.model import DetectorConfig, build_detector
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"scenario": "synth_fog", "translate": STAGE_PARAMS,
-                                      "evaluate": {"device": "cpu", "iou": 0.5, "batch_size": 2}}))
-    _stage("translate_train")(params=str(params), variant="attention", seed=None, target=tiny_splits["target_train"],
-                              source=tiny_splits["source_train"], out_dir=tmp_path / "models",
-                              reports_dir=tmp_path / "reports")
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "scenario": "synth_fog",
+                "translate": STAGE_PARAMS,
+                "evaluate": {"device": "cpu", "iou": 0.5, "batch_size": 2},
+            }
+        )
+    )
+    _stage("translate_train")(
+        params=str(params),
+        variant="attention",
+        seed=None,
+        target=tiny_splits["target_train"],
+        source=tiny_splits["source_train"],
+        out_dir=tmp_path / "models",
+        reports_dir=tmp_path / "reports",
+    )
     assert (tmp_path / "models/attention/model.pt").is_file()
     # two rows per image (the first 4 target images), 2 px apart: input, output, 2 content maps; background
     # mask, winning mask, 2 masks (issue 17: the content maps and the winner map are new)
@@ -310,8 +345,13 @@ def test_translate_train_apply_evaluate_stages(tiny_splits, tmp_path):
         assert "lg_gap" not in diag[when]  # no L_GA in this variant
     assert set(diag["losses"]) >= {"loss_D", "loss_G_GAN", "loss_NCE"} and "loss_GA" not in diag["losses"]
 
-    _stage("translate_apply")(params=str(params), variant="attention", data=tiny_splits["target_test"],
-                              models_dir=tmp_path / "models", out_dir=tmp_path / "translated")
+    _stage("translate_apply")(
+        params=str(params),
+        variant="attention",
+        data=tiny_splits["target_test"],
+        models_dir=tmp_path / "models",
+        out_dir=tmp_path / "translated",
+    )
     out = tmp_path / "translated/attention/target_test"
     original = json.loads((tiny_splits["target_test"] / "annotations.json").read_text())
     translated = json.loads((out / "annotations.json").read_text())
@@ -326,8 +366,14 @@ def test_translate_train_apply_evaluate_stages(tiny_splits, tmp_path):
     classes = [c["name"] for c in original["categories"]]
     det_cfg = DetectorConfig(backbone="small", small_width=8, min_size=96, max_size=192, anchor_sizes=[16, 32, 64])
     checkpoint.save(tmp_path / "source.pt", build_detector(det_cfg, len(classes)), det_cfg, classes)
-    _stage("evaluate")(params=str(params), model=tmp_path / "source.pt", data=out, name="translate_attention",
-                       metrics_dir=tmp_path / "metrics", plots_dir=tmp_path / "pr")
+    _stage("evaluate")(
+        params=str(params),
+        model=tmp_path / "source.pt",
+        data=out,
+        name="translate_attention",
+        metrics_dir=tmp_path / "metrics",
+        plots_dir=tmp_path / "pr",
+    )
     metrics = json.loads((tmp_path / "metrics/translate_attention.json").read_text())
     info = json.loads((tmp_path / "metrics/info/translate_attention.json").read_text())
     assert info["num_images"] == len(original["images"]) and list(metrics["AP"]) == classes
@@ -339,8 +385,13 @@ def test_translate_apply_reports_a_missing_or_foreign_model(tiny_splits, tmp_pat
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"translate": {"device": "cpu"}}))
     with pytest.raises(SystemExit) as exit_info:  # the stage: one line on stderr, exit status 2
-        _stage("translate_apply")(params=str(params), variant="cut", data=tiny_splits["target_test"],
-                                  models_dir=tmp_path / "none", out_dir=tmp_path / "translated")
+        _stage("translate_apply")(
+            params=str(params),
+            variant="cut",
+            data=tiny_splits["target_test"],
+            models_dir=tmp_path / "none",
+            out_dir=tmp_path / "translated",
+        )
     assert exit_info.value.code == 2
     assert "none/cut/model.pt: translator not found. Run the translate_train stage" in capsys.readouterr().err
     torch.save({"format": "something-else"}, tmp_path / "other.pt")

@@ -57,8 +57,7 @@ def test_mask_logits_start_distinct_and_the_background_low(crops):
 
 
 def test_box_mask_and_mask_statistics_hand_computed():
-    assert box_mask([{"bbox": [1.5, 0.0, 2.0, 1.0]}], 2, 5).tolist() == [[False, True, True, True, False],
-                                                                         [False] * 5]
+    assert box_mask([{"bbox": [1.5, 0.0, 2.0, 1.0]}], 2, 5).tolist() == [[False, True, True, True, False], [False] * 5]
 
     class Stub:  # background 0.8 on the left half, 0.2 on the right; two foreground masks share the rest
         cfg = SimpleNamespace(attention=True)
@@ -171,12 +170,34 @@ def test_attention_lg_run_writes_diagnostics_and_resumes_to_them(tiny_benchmark,
 
     from vspa.translation import trainer
 
-    cfg = TranslateConfig.from_params(params_section(
-        variant="attention_lg", iterations=4, crop_height=32, crop_width=64, ngf=4, n_blocks=1, n_content=2, ndf=8,
-        num_patches=16, queue_size=8, momentum=0.9, ga_warmup=2, device="cpu", checkpoint_every=2))
+    cfg = TranslateConfig.from_params(
+        params_section(
+            variant="attention_lg",
+            iterations=4,
+            crop_height=32,
+            crop_width=64,
+            ngf=4,
+            n_blocks=1,
+            n_content=2,
+            ndf=8,
+            num_patches=16,
+            queue_size=8,
+            momentum=0.9,
+            ga_warmup=2,
+            device="cpu",
+            checkpoint_every=2,
+        )
+    )
     args = (tiny_benchmark / "target_train", tiny_benchmark / "source_train")
-    trainer.train_translator(cfg, *args, tmp_path / "a/model.pt", tmp_path / "a/state.pt", tmp_path / "a/losses.csv",
-                             diagnostics_json=tmp_path / "a/diag.json", progress=False)
+    trainer.train_translator(
+        cfg,
+        *args,
+        tmp_path / "a/model.pt",
+        tmp_path / "a/state.pt",
+        tmp_path / "a/losses.csv",
+        diagnostics_json=tmp_path / "a/diag.json",
+        progress=False,
+    )
     diag = json.loads((tmp_path / "a/diag.json").read_text())
     assert diag["images"] == 6  # the tiny split's 6 target images (at most DIAG_IMAGES)
     for key in ("mask_entropy", "bg_on_objects", "bg_off_objects", "lg_gap", "lg_top1"):
@@ -195,9 +216,23 @@ def test_attention_lg_run_writes_diagnostics_and_resumes_to_them(tiny_benchmark,
 
     monkeypatch.setattr(trainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train_translator(cfg, *args, tmp_path / "b/model.pt", tmp_path / "b/state.pt",
-                                 tmp_path / "b/losses.csv", diagnostics_json=tmp_path / "b/diag.json", progress=False)
+        trainer.train_translator(
+            cfg,
+            *args,
+            tmp_path / "b/model.pt",
+            tmp_path / "b/state.pt",
+            tmp_path / "b/losses.csv",
+            diagnostics_json=tmp_path / "b/diag.json",
+            progress=False,
+        )
     monkeypatch.setattr(trainer, "train_step", real_step)
-    trainer.train_translator(cfg, *args, tmp_path / "b/model.pt", tmp_path / "b/state.pt", tmp_path / "b/losses.csv",
-                             diagnostics_json=tmp_path / "b/diag.json", progress=False)
+    trainer.train_translator(
+        cfg,
+        *args,
+        tmp_path / "b/model.pt",
+        tmp_path / "b/state.pt",
+        tmp_path / "b/losses.csv",
+        diagnostics_json=tmp_path / "b/diag.json",
+        progress=False,
+    )
     assert (tmp_path / "b/diag.json").read_text() == (tmp_path / "a/diag.json").read_text()

@@ -27,10 +27,25 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_cfg(variant: str, **overrides) -> TranslateConfig:
-    section = {**yaml.safe_load((ROOT / "params.yaml").read_text())["translate"],
-               "variant": variant, "iterations": 3, "crop_height": 32, "crop_width": 64, "ngf": 4, "n_blocks": 1,
-               "n_content": 2, "ndf": 8, "num_patches": 16, "queue_size": 4, "momentum": 0.9, "ga_warmup": 2,
-               "seed": 0, "device": "cpu", "checkpoint_every": 100, **overrides}
+    section = {
+        **yaml.safe_load((ROOT / "params.yaml").read_text())["translate"],
+        "variant": variant,
+        "iterations": 3,
+        "crop_height": 32,
+        "crop_width": 64,
+        "ngf": 4,
+        "n_blocks": 1,
+        "n_content": 2,
+        "ndf": 8,
+        "num_patches": 16,
+        "queue_size": 4,
+        "momentum": 0.9,
+        "ga_warmup": 2,
+        "seed": 0,
+        "device": "cpu",
+        "checkpoint_every": 100,
+        **overrides,
+    }
     return TranslateConfig.from_params(section)
 
 
@@ -58,8 +73,10 @@ def test_training_batch_is_a_function_of_seed_and_iteration(splits):
     # every image once per epoch (6 target images, batch 1)
     assert sorted(i for k in range(6) for i in targets.indices(1, 0, k, trainer._TGT_ORDER)) == list(range(6))
     # the local-global views: one generator per iteration, the same for every variant
-    assert torch.equal(torch.rand(3, generator=views_generator(cfgs["attention"], 2)),
-                       torch.rand(3, generator=views_generator(cfgs["attention_lg"], 2)))
+    assert torch.equal(
+        torch.rand(3, generator=views_generator(cfgs["attention"], 2)),
+        torch.rand(3, generator=views_generator(cfgs["attention_lg"], 2)),
+    )
 
 
 def test_variants_start_from_the_same_encoder_and_discriminator():
@@ -80,14 +97,16 @@ def test_every_variant_sees_the_same_crops_and_patch_draws_in_training(splits, t
 
     def recording(models, gan, opt_g, opt_d, real_a, real_b, cfg, ga_weight=None, views_rng=None):
         seen.setdefault(cfg.variant, []).append(
-            (real_a.clone(), real_b.clone(), torch.get_rng_state(), views_rng.get_state(), ga_weight))
+            (real_a.clone(), real_b.clone(), torch.get_rng_state(), views_rng.get_state(), ga_weight)
+        )
         return real_step(models, gan, opt_g, opt_d, real_a, real_b, cfg, ga_weight, views_rng)
 
     monkeypatch.setattr(trainer, "train_step", recording)
     for variant in VARIANTS:
         out = tmp_path / variant
-        trainer.train_translator(tiny_cfg(variant), *splits, out / "model.pt", out / "state.pt", out / "losses.csv",
-                                 progress=False)
+        trainer.train_translator(
+            tiny_cfg(variant), *splits, out / "model.pt", out / "state.pt", out / "losses.csv", progress=False
+        )
     assert [len(seen[v]) for v in VARIANTS] == [3, 3, 3]
     for k in range(3):
         ref = seen["cut"][k]

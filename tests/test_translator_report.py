@@ -20,15 +20,21 @@ def _write(tmp_path, maps):
         for seed, value in enumerate(per_seed):
             (metrics / f"translate_{variant}_s{seed}.json").write_text(json.dumps(_metrics(value)))
             (diag / f"seed{seed}").mkdir(parents=True, exist_ok=True)
-            (diag / f"seed{seed}" / f"{variant}_diagnostics.json").write_text(json.dumps(
-                {"losses": {"loss_GA": {"first_10pct": 30.0 + seed, "last_10pct": 25.0}},
-                 "final": {"mask_entropy": 1.5, "bg_on_objects": 0.1, "bg_off_objects": 0.2, "lg_gap": 0.05}}))
+            (diag / f"seed{seed}" / f"{variant}_diagnostics.json").write_text(
+                json.dumps(
+                    {
+                        "losses": {"loss_GA": {"first_10pct": 30.0 + seed, "last_10pct": 25.0}},
+                        "final": {"mask_entropy": 1.5, "bg_on_objects": 0.1, "bg_off_objects": 0.2, "lg_gap": 0.05},
+                    }
+                )
+            )
     return metrics, diag
 
 
 def test_paired_differences_and_diagnostics_table(tmp_path):
-    metrics, diag = _write(tmp_path, {"cut": [30.0, 32.0, 34.0], "attention": [31.0, 33.0, 35.5],
-                                      "attention_lg": [29.0, 35.0, 30.0]})
+    metrics, diag = _write(
+        tmp_path, {"cut": [30.0, 32.0, 34.0], "attention": [31.0, 33.0, 35.5], "attention_lg": [29.0, 35.0, 30.0]}
+    )
     results, diagnostics = collect(metrics, diag, [0, 1, 2])
     text, summary = render_translators(results, diagnostics)
     att_vs_cut = summary["paired"]["cut"]["attention"]

@@ -15,8 +15,11 @@ from vspa.utils import VspaError
 
 
 def det(boxes, labels, scores):
-    return {"boxes": np.asarray(boxes, float).reshape(-1, 4), "labels": np.asarray(labels, int),
-            "scores": np.asarray(scores, float)}
+    return {
+        "boxes": np.asarray(boxes, float).reshape(-1, 4),
+        "labels": np.asarray(labels, int),
+        "scores": np.asarray(scores, float),
+    }
 
 
 def gt(boxes, labels, **extra):
@@ -49,10 +52,15 @@ def hand_case():
     """2 images, 3 GT cars, 4 car detections (a duplicate and a low-IoU one)."""
     gts = [gt([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 1]), gt([[0, 0, 10, 10]], [1])]
     dets = [
-        det([[0, 0, 10, 10],      # 0.9: IoU 1 with GT A -> TP
-             [1, 0, 11, 10],      # 0.8: IoU 90/110 = .82 with A, which is taken -> FP (duplicate)
-             [20, 20, 30, 45]],   # 0.6: IoU 100/250 = .4 with B -> FP (low IoU)
-            [1, 1, 1], [0.9, 0.8, 0.6]),
+        det(
+            [
+                [0, 0, 10, 10],  # 0.9: IoU 1 with GT A -> TP
+                [1, 0, 11, 10],  # 0.8: IoU 90/110 = .82 with A, which is taken -> FP (duplicate)
+                [20, 20, 30, 45],
+            ],  # 0.6: IoU 100/250 = .4 with B -> FP (low IoU)
+            [1, 1, 1],
+            [0.9, 0.8, 0.6],
+        ),
         det([[0, 0, 10, 10]], [1], [0.7]),  # 0.7: IoU 1 with GT C -> TP
     ]
     return dets, gts
@@ -122,7 +130,9 @@ def test_ignore_boxes_are_neither_tp_nor_fp():
     crowd = [[100, 0, 200, 50]]
     dets = [det([[0, 0, 10, 10], [110, 5, 130, 40]], [1, 1], [0.9, 0.95])]
     without = evaluate_detections(dets, [gt([[0, 0, 10, 10]], [1])], ["car", "person"]).classes[0]
-    with_ignore = evaluate_detections(dets, [gt([[0, 0, 10, 10]], [1], ignore_boxes=crowd)], ["car", "person"]).classes[0]
+    with_ignore = evaluate_detections(dets, [gt([[0, 0, 10, 10]], [1], ignore_boxes=crowd)], ["car", "person"]).classes[
+        0
+    ]
     assert without.ap == pytest.approx(0.5)
     assert with_ignore.ap == pytest.approx(1.0)
     assert (with_ignore.n_det, with_ignore.n_ignored, len(with_ignore.precision)) == (2, 1, 1)
@@ -208,8 +218,14 @@ def random_split(seed: int, n_images: int = 40):
         d_boxes = np.asarray(d_boxes, float).reshape(-1, 4)
         d_boxes[:, 2:] = np.maximum(d_boxes[:, 2:], d_boxes[:, :2] + 1)
         dets.append(det(d_boxes, d_labels, rng.random(len(d_boxes))))
-        gts.append(gt(np.asarray(g_boxes).reshape(-1, 4), g_labels, ignore_boxes=np.asarray(i_boxes).reshape(-1, 4),
-                      ignore_labels=i_labels))
+        gts.append(
+            gt(
+                np.asarray(g_boxes).reshape(-1, 4),
+                g_labels,
+                ignore_boxes=np.asarray(i_boxes).reshape(-1, 4),
+                ignore_labels=i_labels,
+            )
+        )
     return dets, gts
 
 
@@ -271,8 +287,10 @@ class FakeDetector(torch.nn.Module):
 
 
 def test_run_detector_order_modes_and_no_grad():
-    dataset = [(torch.full((3, 8 + 2 * i, 16), i / 10), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
-               for i in range(5)]
+    dataset = [
+        (torch.full((3, 8 + 2 * i, 16), i / 10), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
+        for i in range(5)
+    ]
     detector = FakeDetector().train()
     out = run_detector(detector, dataset, "cpu", batch_size=2, progress=False)
     assert [c[0] for c in detector.calls] == [2, 2, 1]
@@ -290,8 +308,13 @@ def test_pr_csv_is_downsampled_and_keeps_the_ends(tmp_path):
     assert len(r) == 200 and r[0] == 0.0 and r[-1] == 1.0
     np.testing.assert_allclose(p, 1 - r**2)
     path = tmp_path / "pr" / "m.csv"
-    write_pr_csv(path, {"car": {"recall": recall, "precision": precision},
-                        "person": {"recall": recall[:3], "precision": precision[:3]}})
+    write_pr_csv(
+        path,
+        {
+            "car": {"recall": recall, "precision": precision},
+            "person": {"recall": recall[:3], "precision": precision[:3]},
+        },
+    )
     rows = list(csv.DictReader(path.open()))
     assert [sum(r["class"] == c for r in rows) for c in ("car", "person")] == [200, 3]
     assert float(rows[-1]["precision"]) == pytest.approx(precision[2])
@@ -312,9 +335,16 @@ def tiny_split(folder, classes=("car", "person", "truck")):
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(folder / "images" / f"{i:06d}.png")
         images.append({"id": i, "file_name": f"images/{i:06d}.png", "width": 96, "height": 64})
-    anns = [(0, 1, [4, 4, 20, 20], 0), (1, 1, [30, 10, 30, 20], 0), (1, 2, [70, 5, 10, 30], 0), (2, 3, [0, 0, 40, 40], 1)]
-    annotations = [{"id": k, "image_id": im, "category_id": cat, "bbox": box, "area": float(box[2] * box[3]),
-                    "iscrowd": crowd} for k, (im, cat, box, crowd) in enumerate(anns)]
+    anns = [
+        (0, 1, [4, 4, 20, 20], 0),
+        (1, 1, [30, 10, 30, 20], 0),
+        (1, 2, [70, 5, 10, 30], 0),
+        (2, 3, [0, 0, 40, 40], 1),
+    ]
+    annotations = [
+        {"id": k, "image_id": im, "category_id": cat, "bbox": box, "area": float(box[2] * box[3]), "iscrowd": crowd}
+        for k, (im, cat, box, crowd) in enumerate(anns)
+    ]
     categories = [{"id": k, "name": n} for k, n in enumerate(classes, start=1)]
     write_coco(folder / "annotations.json", images, annotations, categories, info={"split": "test"})
 
@@ -340,8 +370,14 @@ def run_evaluate_stage(tmp_path, model, monkeypatch):
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     monkeypatch.chdir(tmp_path)  # the output folders (those of dvc.yaml) are relative to the project root
-    stage.main(params=str(params), model=model, data=tmp_path / "split", name="tiny",
-               metrics_dir=Path("reports/metrics"), plots_dir=Path("reports/plots/pr"))
+    stage.main(
+        params=str(params),
+        model=model,
+        data=tmp_path / "split",
+        name="tiny",
+        metrics_dir=Path("reports/metrics"),
+        plots_dir=Path("reports/plots/pr"),
+    )
 
 
 def test_evaluate_stage_end_to_end(tmp_path, monkeypatch, capsys):

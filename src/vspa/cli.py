@@ -45,8 +45,10 @@ def params(
         text = dump_params(compose(conf, overrides or []))
         if check:
             if not out.is_file() or out.read_text() != text:
-                raise VspaError(f"{out} differs from the composition of {conf}/ with {overrides or []}: run "
-                                f"`make params` (or `vspa params`) after editing conf/ or a scenario file.")
+                raise VspaError(
+                    f"{out} differs from the composition of {conf}/ with {overrides or []}: run "
+                    f"`make params` (or `vspa params`) after editing conf/ or a scenario file."
+                )
             typer.echo(f"{out}: up to date with {conf}/")
             return
         write_text_atomic(out, text)

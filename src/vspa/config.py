@@ -84,8 +84,9 @@ def stage_config(params: dict | str, *sections: str, path: str = "params.yaml") 
     return out
 
 
-def compose(conf_dir: str | Path = "conf", overrides: list[str] | tuple[str, ...] = (),
-            config_name: str = "config") -> dict:
+def compose(
+    conf_dir: str | Path = "conf", overrides: list[str] | tuple[str, ...] = (), config_name: str = "config"
+) -> dict:
     """The params that ``dvc exp run -S <overrides>`` writes: Hydra's composition of ``conf_dir/config.yaml``
     (its ``defaults`` select ``scenario: <name>``, i.e. ``conf/scenario/<name>.yaml``) with ``overrides``
     such as ``scenario=cityscapes_foggy`` or ``adapt.tau=0.6``."""
@@ -96,7 +97,9 @@ def compose(conf_dir: str | Path = "conf", overrides: list[str] | tuple[str, ...
 
     conf = Path(conf_dir).resolve()
     if not (conf / f"{config_name}.yaml").is_file():
-        raise VspaError(f"{conf / config_name}.yaml: not found; the Hydra config folder is conf/ at the repository root.")
+        raise VspaError(
+            f"{conf / config_name}.yaml: not found; the Hydra config folder is conf/ at the repository root."
+        )
     try:
         with initialize_config_dir(config_dir=str(conf), version_base=None):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
@@ -146,8 +149,14 @@ def _type_name(annotation: Any) -> str:
         (item,) = typing.get_args(annotation) or (Any,)
         plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
         return f"a list of {plural.get(item, _type_name(item))}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
-            list: "a list"}.get(annotation, str(annotation))
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        dict: "a mapping",
+        list: "a list",
+    }.get(annotation, str(annotation))
 
 
 def _coerce(annotation: Any, value: Any) -> Any:
@@ -191,9 +200,10 @@ def _coerce(annotation: Any, value: Any) -> Any:
             for i, element in enumerate(value):
                 try:
                     out.append(_coerce(item, element))
-                except _WrongType as exc:
-                    raise _WrongType(_type_name(annotation), value, f"[{i}] = {element!r} is not "
-                                     f"{_type_name(item)}") from None
+                except _WrongType:
+                    raise _WrongType(
+                        _type_name(annotation), value, f"[{i}] = {element!r} is not {_type_name(item)}"
+                    ) from None
             return out
     elif annotation is Any:
         return value
@@ -244,9 +254,7 @@ def parse_section(cls: type[T], section: dict | None, name: str, path: str = "pa
         except _WrongType as exc:
             detail = f" ({exc.where})" if exc.where else ""
             hint = f" {f.metadata['hint']}" if "hint" in f.metadata else ""
-            raise VspaError(
-                f"{path}: {name}.{key} must be {exc.expected}, got {value!r}{detail}.{hint}"
-            ) from None
+            raise VspaError(f"{path}: {name}.{key} must be {exc.expected}, got {value!r}{detail}.{hint}") from None
     obj = cls(**values)
     validate = getattr(obj, "validate", None)
     if callable(validate):

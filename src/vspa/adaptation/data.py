@@ -72,12 +72,14 @@ def _views(dataset, indices: list[int], positions: range, seed: int, iteration: 
         weak.append(image.to(device))
         strong.append(transforms.strong(image, g).to(device))
         targets.append({"boxes": target["boxes"].to(device), "labels": target["labels"].to(device)})
-        pairs.append({
-            "boxes": target["boxes"],
-            "labels": target["labels"],  # read only by the pseudo-label diagnostics, never by training
-            "object_ids": target["object_ids"],
-            "flipped": bool(target["flipped"]),
-        })
+        pairs.append(
+            {
+                "boxes": target["boxes"],
+                "labels": target["labels"],  # read only by the pseudo-label diagnostics, never by training
+                "object_ids": target["object_ids"],
+                "flipped": bool(target["flipped"]),
+            }
+        )
     return weak, strong, targets, pairs
 
 

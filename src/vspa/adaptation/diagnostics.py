@@ -177,9 +177,7 @@ def summarize_diagnostics(rows: list[dict]) -> dict:
             "pseudo_precision": precision,
             "pseudo_recall": recall,
         },
-        "grad_share": {
-            f"{term}": _nanmean(r.get(f"share_{term}") for r in sampled) for term in TERMS[1:]
-        },
+        "grad_share": {f"{term}": _nanmean(r.get(f"share_{term}") for r in sampled) for term in TERMS[1:]},
         "grad_samples": len(sampled),
         "grad_share_overhead": overhead,
     }

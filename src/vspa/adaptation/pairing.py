@@ -216,8 +216,11 @@ class PairTable:
 def _check_same_objects(json_path: Path, variant: str, objects: dict, reference: dict, original: Path) -> None:
     missing = sorted(set(reference) - set(objects))
     extra = sorted(set(objects) - set(reference))
-    moved = [o for o in set(objects) & set(reference)
-             if (objects[o]["image_id"], objects[o]["id"]) != (reference[o]["image_id"], reference[o]["id"])]
+    moved = [
+        o
+        for o in set(objects) & set(reference)
+        if (objects[o]["image_id"], objects[o]["id"]) != (reference[o]["image_id"], reference[o]["id"])
+    ]
     if missing or extra or moved:
         raise VspaError(
             f"{json_path}: the '{variant}' set does not hold the objects of {original} "
@@ -260,8 +263,12 @@ class CounterpartDataset(Dataset):
         (variant, image_id), mirrored_of = self.items[index]
         image, target = self.datasets[variant][self.index_of[variant][image_id]]
         keep = torch.tensor([int(o) in mirrored_of for o in target["object_ids"]], dtype=torch.bool)
-        out = {**target, "boxes": target["boxes"][keep], "labels": target["labels"][keep],
-               "object_ids": target["object_ids"][keep]}
+        out = {
+            **target,
+            "boxes": target["boxes"][keep],
+            "labels": target["labels"][keep],
+            "object_ids": target["object_ids"][keep],
+        }
         out["mirrored"] = torch.tensor([mirrored_of[int(o)] for o in out["object_ids"]], dtype=torch.bool)
         return image, out
 
@@ -306,8 +313,9 @@ class PairingBank:
         detector.eval()
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
         try:
-            for images, targets in tqdm(loader, desc=f"pairing bank ({mode})", unit="batch",
-                                        disable=None if progress is None else not progress):
+            for images, targets in tqdm(
+                loader, desc=f"pairing bank ({mode})", unit="batch", disable=None if progress is None else not progress
+            ):
                 rows = embed_batch(detector, [im.to(device) for im in images], targets)["fg"]
                 if rows is None:
                     continue

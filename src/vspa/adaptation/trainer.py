@@ -270,8 +270,9 @@ def adapt(
             # without a target loss (fair source only) there are no target images: the teacher is only the EMA
             with precision.autocast():
                 detections = teacher_detect(teacher, tgt_weak) if tgt_weak else []
-            pseudo = filter_pseudo_labels([{k: v.float() if k != "labels" else v for k, v in d.items()}
-                                           for d in detections], cfg.tau)
+            pseudo = filter_pseudo_labels(
+                [{k: v.float() if k != "labels" else v for k, v in d.items()} for d in detections], cfg.tau
+            )
             pseudo_targets = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
 
             torch.manual_seed(derive_seed(cfg.seed, it, ctx.rank, _SAMPLER))
@@ -293,8 +294,9 @@ def adapt(
             names = list(dict.fromkeys(names))
             logged = distributed.all_reduce_mean(torch.stack([losses[k].detach().float() for k in names]), ctx)
             values = dict(zip(names, logged.cpu().tolist()))
-            check_finite(values, it + 1, "adaptation", f"Lower adapt.lr (now {cfg.lr:g}) or the loss weights.",
-                         keys=["total"])  # the total is checked; every column is in the message
+            check_finite(
+                values, it + 1, "adaptation", f"Lower adapt.lr (now {cfg.lr:g}) or the loss weights.", keys=["total"]
+            )  # the total is checked; every column is in the message
             optimizer.zero_grad(set_to_none=True)
             sample = bool(cfg.diag_every) and it % cfg.diag_every == 0 and not ctx.enabled
             with _timer(device, t_backward):
@@ -337,8 +339,13 @@ def adapt(
                 step_module.pairing_bank = pair_bank
             refresh_seconds.append(time.perf_counter() - refresh_start)
         if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.iterations and ctx.is_main:
-            detector_checkpoint.save(work_dir / f"teacher_{done}.pt", teacher, teacher.cfg,
-                                     list(data.source.class_names), extra={"stage": "adapt", "snapshot": done})
+            detector_checkpoint.save(
+                work_dir / f"teacher_{done}.pt",
+                teacher,
+                teacher.cfg,
+                list(data.source.class_names),
+                extra={"stage": "adapt", "snapshot": done},
+            )
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             checkpoint(done)
     bar.close()

@@ -24,6 +24,7 @@ class SubsampleConfig:
         for key in ("fg_ratio", "bg_ratio"):
             value = getattr(self, key)
             check_number(0.0 < value <= 1.0, value, f"{name}.{key}", "in (0, 1] (a fraction such as 0.5)", path)
-        check_number(self.projection_dim >= 0, self.projection_dim, f"{name}.projection_dim",
-                     ">= 0 (0 = no projection)", path)
+        check_number(
+            self.projection_dim >= 0, self.projection_dim, f"{name}.projection_dim", ">= 0 (0 = no projection)", path
+        )
         check_device(self.device, f"{name}.device", path)

@@ -146,9 +146,7 @@ def subsample_indices(
         return np.arange(n, dtype=np.int64)
     k = num_to_keep(n, ratio)
     if method == "coreset":
-        idx = kcenter_greedy(
-            features, k, projection_dim=projection_dim, seed=seed, device=device, progress=progress
-        )
+        idx = kcenter_greedy(features, k, projection_dim=projection_dim, seed=seed, device=device, progress=progress)
     elif method == "random":
         idx = random_subsample(n, k, seed)
     else:
@@ -241,7 +239,9 @@ def subsample_memory(
     coverage radius, next to the radius of a random subset of the same size (the baseline).
     """
     if projection_dim < 0:
-        raise VspaError(f"params.yaml: subsample.projection_dim must be >= 0 (0 = no projection), got {projection_dim}.")
+        raise VspaError(
+            f"params.yaml: subsample.projection_dim must be >= 0 (0 = no projection), got {projection_dim}."
+        )
     opts = dict(projection_dim=projection_dim, seed=seed, device=device, progress=progress)
     fg_rows = subsample_per_class(bank.fg_features, bank.fg_labels, fg_ratio, method, **opts)
     bg_rows = subsample_indices(bank.bg_features, bg_ratio, method, **opts)

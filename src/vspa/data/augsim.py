@@ -236,7 +236,11 @@ def transform_attributes(attributes: dict | None, variant: str, weight: float = 
 
 
 def ground_plane_depth(
-    height: int, width: int, horizon: float = 0.5, camera_height: float = 1.5, vfov_deg: float = 60.0,
+    height: int,
+    width: int,
+    horizon: float = 0.5,
+    camera_height: float = 1.5,
+    vfov_deg: float = 60.0,
     max_depth: float = 300.0,
 ) -> np.ndarray:
     """Depth in metres [H, W] of a flat ground seen by a level pinhole camera (no depth map known).
@@ -501,8 +505,15 @@ def make_foggy(
         "domain": "target",
         "foggy": True,
         "generator": GENERATOR,
-        "fog": {"source": source_label or str(src_dir), "beta": beta, "airlight": airlight, "horizon": horizon,
-                "camera_height": camera_height, "vfov_deg": vfov_deg, "max_depth": max_depth},
+        "fog": {
+            "source": source_label or str(src_dir),
+            "beta": beta,
+            "airlight": airlight,
+            "horizon": horizon,
+            "camera_height": camera_height,
+            "vfov_deg": vfov_deg,
+            "max_depth": max_depth,
+        },
     }
     with atomic_dir(out_dir) as tmp:
         pairs = list(zip(coco.images, names))

@@ -161,7 +161,9 @@ def _check_images(records: list, root: Path, check_files: bool) -> tuple[list[st
             problems.append(f"image #{i} ({img.get('file_name', '?')}): needs an integer 'id'")
             continue
         if img["id"] in by_id:
-            problems.append(f"{item}: duplicate image id (also used by {by_id[img['id']].get('file_name')}); make ids unique")
+            problems.append(
+                f"{item}: duplicate image id (also used by {by_id[img['id']].get('file_name')}); make ids unique"
+            )
             continue
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             problems.append(f"{item}: needs a 'file_name' (path relative to the image folder)")
@@ -213,7 +215,9 @@ def _check_annotations(records: list, images: dict[int, dict], cat_ids: set[int]
             continue
         img = images.get(ann["image_id"]) if _is_int(ann["image_id"]) else None
         if img is None:
-            problems.append(f"{item}: image_id={ann['image_id']!r} is not in 'images'; add the image or drop the annotation")
+            problems.append(
+                f"{item}: image_id={ann['image_id']!r} is not in 'images'; add the image or drop the annotation"
+            )
             continue
         item = f"{item} (image id={img['id']}, {img['file_name']})"
         if not _is_int(ann["category_id"]) or ann["category_id"] not in cat_ids:

@@ -29,14 +29,23 @@ SIM10K_SIZE = (1914, 1052)
 VOC_SIZE = (500, 375)
 COMIC_SIZE = (640, 480)
 FOG_BETAS = ("0.005", "0.01", "0.02")
-CITYSCAPES_IDS = {"person": 24, "rider": 25, "car": 26, "truck": 27, "bus": 28, "train": 31, "motorcycle": 32,
-                  "bicycle": 33}
+CITYSCAPES_IDS = {
+    "person": 24,
+    "rider": 25,
+    "car": 26,
+    "truck": 27,
+    "bus": 28,
+    "train": 31,
+    "motorcycle": 32,
+    "bicycle": 33,
+}
 COMIC_CLASSES = ("bicycle", "bird", "car", "cat", "dog", "person")
 SCENARIOS = ("cityscapes_foggy", "sim10k_cityscapes", "voc_comic2k")
 
 
-def _boxes(rng: np.random.Generator, size: tuple[int, int], classes, n: int,
-           first: int = 0) -> list[tuple[str, int, int, int, int]]:
+def _boxes(
+    rng: np.random.Generator, size: tuple[int, int], classes, n: int, first: int = 0
+) -> list[tuple[str, int, int, int, int]]:
     """``n`` boxes (class, x0, y0, x1, y1) of 5-30% of the image side, inside the image; the classes in turn
     from ``classes[first]`` on, so that a split's few images hold every class (an empty class stops subsample)."""
     w, h = size
@@ -86,13 +95,16 @@ def write_cityscapes(root: Path, rng: np.random.Generator, per_split: int = 2, c
 def _voc_xml(size: tuple[int, int], boxes) -> str:
     parts = [f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"]
     for name, x0, y0, x1, y1 in boxes:
-        parts.append(f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x0 + 1}</xmin>"
-                     f"<ymin>{y0 + 1}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>")
+        parts.append(
+            f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x0 + 1}</xmin>"
+            f"<ymin>{y0 + 1}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+        )
     return "".join(parts) + "</annotation>"
 
 
-def write_voc_layout(root: Path, rng: np.random.Generator, size: tuple[int, int], classes, lists: dict[str, int],
-                     prefix: str) -> None:
+def write_voc_layout(
+    root: Path, rng: np.random.Generator, size: tuple[int, int], classes, lists: dict[str, int], prefix: str
+) -> None:
     """A VOC-layout dataset: ``lists`` maps a split list name to its number of images."""
     (root / "Annotations").mkdir(parents=True, exist_ok=True)
     (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
@@ -122,7 +134,10 @@ def write_fixture(scenario: str, root: str | Path, per_split: int = 2, seed: int
         write_voc_layout(root / "Sim10k", rng, SIM10K_SIZE, ("car",), {"trainval10k": 2 * per_split}, "sim")
         write_cityscapes(root / "cityscapes", rng, per_split, classes=("car",))
     else:
-        for year, lists in (("VOC2007", {"trainval": per_split, "test": per_split}), ("VOC2012", {"trainval": per_split})):
+        for year, lists in (
+            ("VOC2007", {"trainval": per_split, "test": per_split}),
+            ("VOC2012", {"trainval": per_split}),
+        ):
             write_voc_layout(root / "VOCdevkit" / year, rng, VOC_SIZE, COMIC_CLASSES, lists, year[-4:])
         write_voc_layout(root / "comic", rng, COMIC_SIZE, COMIC_CLASSES, {"train": per_split, "test": per_split}, "c")
     return root
@@ -137,9 +152,11 @@ def write_random_weights(backbone: str, path: str | Path) -> Path:
     # ResNets with zero-initialised residual branches (the last BatchNorm of each block has weight 0): the
     # detector freezes the BatchNorms of pretrained ResNets, and with plain random weights 33 frozen residual
     # blocks multiply the activations until the first losses are ~1e4 and the features overflow
-    builders = {"vgg16": lambda: torchvision.models.vgg16(weights=None),
-                "resnet50": lambda: torchvision.models.resnet50(weights=None, zero_init_residual=True),
-                "resnet101": lambda: torchvision.models.resnet101(weights=None, zero_init_residual=True)}
+    builders = {
+        "vgg16": lambda: torchvision.models.vgg16(weights=None),
+        "resnet50": lambda: torchvision.models.resnet50(weights=None, zero_init_residual=True),
+        "resnet101": lambda: torchvision.models.resnet101(weights=None, zero_init_residual=True),
+    }
     if backbone not in builders:
         raise ValueError(f"no ImageNet architecture {backbone!r}; one of {', '.join(builders)}")
     torch.manual_seed(0)

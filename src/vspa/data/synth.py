@@ -135,16 +135,30 @@ def apply_fog(image: np.ndarray, depth: np.ndarray, beta: float, airlight) -> np
 
 CAR_COLOURS = np.array(
     [
-        (0.92, 0.92, 0.90), (0.09, 0.09, 0.10), (0.70, 0.72, 0.75), (0.45, 0.46, 0.48), (0.75, 0.10, 0.10),
-        (0.12, 0.25, 0.65), (0.08, 0.12, 0.35), (0.15, 0.45, 0.20), (0.92, 0.76, 0.10), (0.90, 0.45, 0.10),
-        (0.45, 0.30, 0.18), (0.55, 0.10, 0.35),
+        (0.92, 0.92, 0.90),
+        (0.09, 0.09, 0.10),
+        (0.70, 0.72, 0.75),
+        (0.45, 0.46, 0.48),
+        (0.75, 0.10, 0.10),
+        (0.12, 0.25, 0.65),
+        (0.08, 0.12, 0.35),
+        (0.15, 0.45, 0.20),
+        (0.92, 0.76, 0.10),
+        (0.90, 0.45, 0.10),
+        (0.45, 0.30, 0.18),
+        (0.55, 0.10, 0.35),
     ],
     dtype=np.float32,
 )
 TRUCK_COLOURS = np.array(
     [
-        (0.95, 0.95, 0.93), (0.80, 0.12, 0.10), (0.15, 0.30, 0.70), (0.95, 0.78, 0.10), (0.15, 0.50, 0.25),
-        (0.92, 0.50, 0.10), (0.50, 0.52, 0.55),
+        (0.95, 0.95, 0.93),
+        (0.80, 0.12, 0.10),
+        (0.15, 0.30, 0.70),
+        (0.95, 0.78, 0.10),
+        (0.15, 0.50, 0.25),
+        (0.92, 0.50, 0.10),
+        (0.50, 0.52, 0.55),
     ],
     dtype=np.float32,
 )
@@ -353,9 +367,12 @@ def _person(rng, colour, orientation: str, scale: float) -> Sprite:
 
 SHAPES = {"car": _car, "truck": _truck, "person": _person}
 FOOTPRINT_M = {  # (extent across the view, extent along the view) for the overlap check
-    ("car", "front"): (1.9, 4.5), ("car", "side"): (4.5, 1.9),
-    ("truck", "front"): (2.6, 8.5), ("truck", "side"): (8.5, 2.6),
-    ("person", "front"): (0.7, 0.7), ("person", "side"): (0.7, 0.7),
+    ("car", "front"): (1.9, 4.5),
+    ("car", "side"): (4.5, 1.9),
+    ("truck", "front"): (2.6, 8.5),
+    ("truck", "side"): (8.5, 2.6),
+    ("person", "front"): (0.7, 0.7),
+    ("person", "side"): (0.7, 0.7),
 }
 
 
@@ -626,8 +643,9 @@ def _vary(rng, sprite: Sprite, colour: np.ndarray) -> str:
     return pattern
 
 
-def _objects(rng, canvas: Canvas, road: dict, style: Style, classes: tuple[str, ...],
-             diversity: str = "standard") -> list[dict]:
+def _objects(
+    rng, canvas: Canvas, road: dict, style: Style, classes: tuple[str, ...], diversity: str = "standard"
+) -> list[dict]:
     """Sample, then place strictly near to far (a heap keyed by depth; a rejected object is resampled
     further away), so each kept object's visible pixels are final when it is drawn."""
     cam = canvas.cam
@@ -643,8 +661,9 @@ def _objects(rng, canvas: Canvas, road: dict, style: Style, classes: tuple[str, 
     while heap:
         depth, k, cls, lateral, orientation, attempt = heapq.heappop(heap)
         colour = _hsv(rng, (0.0, 1.0), (0.15, 0.95)) if diversity == "high" else _object_colour(rng, cls)
-        found = _try_place(rng, canvas, cls, lateral, depth, orientation, colour, style, footprints, bottom_depth,
-                           diversity)
+        found = _try_place(
+            rng, canvas, cls, lateral, depth, orientation, colour, style, footprints, bottom_depth, diversity
+        )
         if found is None:
             if attempt < PLACEMENT_RETRIES:
                 lateral, new_depth, orientation = _sample_placement(rng, cls, road, depth)
@@ -653,13 +672,15 @@ def _objects(rng, canvas: Canvas, road: dict, style: Style, classes: tuple[str, 
         sprite, window, visible, box = found
         instance = len(placed) + 1
         canvas.draw(sprite, window, visible, depth, instance)
-        placed.append({"instance": instance, "cls": cls, "colour": colour, "orientation": orientation,
-                       "depth": depth, **box})
+        placed.append(
+            {"instance": instance, "cls": cls, "colour": colour, "orientation": orientation, "depth": depth, **box}
+        )
     return placed
 
 
-def _try_place(rng, canvas, cls, lateral, depth, orientation, colour, style, footprints, bottom_depth,
-               diversity: str = "standard"):
+def _try_place(
+    rng, canvas, cls, lateral, depth, orientation, colour, style, footprints, bottom_depth, diversity: str = "standard"
+):
     if depth < bottom_depth * 1.05:
         return None
     key = (cls, "side" if orientation.startswith("side") else "front")
@@ -762,7 +783,14 @@ def _check_scenario(scenario: str) -> None:
 
 
 def render_image(
-    scenario: str, split: str, index: int, seed: int, height: int, width: int, fog_beta: float, fog_airlight: float,
+    scenario: str,
+    split: str,
+    index: int,
+    seed: int,
+    height: int,
+    width: int,
+    fog_beta: float,
+    fog_airlight: float,
     diversity: str = "standard",
 ) -> RenderedImage:
     """Render image ``index`` of ``split``: a pure function of its arguments (``diversity``: see ``DIVERSITY``)."""
@@ -774,8 +802,14 @@ def render_image(
     style = STYLES[style_name]
     rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
     horizon = height * (style.horizon + rng.uniform(-0.03, 0.03))
-    cam = Camera(height, width, horizon, FOCAL_PER_WIDTH * width, style.cam_height * rng.uniform(0.93, 1.07),
-                 width / 2 + width * rng.uniform(-0.12, 0.12))
+    cam = Camera(
+        height,
+        width,
+        horizon,
+        FOCAL_PER_WIDTH * width,
+        style.cam_height * rng.uniform(0.93, 1.07),
+        width / 2 + width * rng.uniform(-0.12, 0.12),
+    )
     canvas = Canvas(cam)
     road = _road(rng)
     _sky_and_skyline(rng, canvas, style)
@@ -817,8 +851,14 @@ def _render_task(task: tuple) -> tuple[int, dict, list[dict]]:
     Image.fromarray(r.image).save(folder / "images" / name, compress_level=1)  # noisy: level 1 is 3x faster
     Image.fromarray(r.depth_cm).save(folder / "depth" / name)
     Image.fromarray(r.instances).save(folder / "instances" / name)
-    record = {"id": index, "file_name": f"images/{name}", "width": width, "height": height,
-              "depth_file": f"depth/{name}", "instance_file": f"instances/{name}"}
+    record = {
+        "id": index,
+        "file_name": f"images/{name}",
+        "width": width,
+        "height": height,
+        "depth_file": f"depth/{name}",
+        "instance_file": f"instances/{name}",
+    }
     classes = SCENARIO_CLASSES[scenario]
     base = SPLIT_CODES[split] * OBJECT_ID_SPLIT_STRIDE + index * OBJECT_ID_IMAGE_STRIDE
     objects = [
@@ -830,17 +870,22 @@ def _render_task(task: tuple) -> tuple[int, dict, list[dict]]:
             "iscrowd": 0,
             "object_id": base + o["instance"],
             "instance_value": o["instance"],
-            "attributes": {"color": o["colour"], "orientation": o["orientation"],
-                           "occlusion": round(float(o["occlusion"]), 4), "depth_m": round(float(o["depth"]), 3),
-                           **({"pattern": o["pattern"]} if "pattern" in o else {})},
+            "attributes": {
+                "color": o["colour"],
+                "orientation": o["orientation"],
+                "occlusion": round(float(o["occlusion"]), 4),
+                "depth_m": round(float(o["depth"]), 3),
+                **({"pattern": o["pattern"]} if "pattern" in o else {}),
+            },
         }
         for o in r.objects
     ]
     return index, record, objects
 
 
-def _validate(scenario, sizes, seed, height, width, fog_beta, fog_airlight, workers,
-              diversity="standard") -> dict[str, int]:
+def _validate(
+    scenario, sizes, seed, height, width, fog_beta, fog_airlight, workers, diversity="standard"
+) -> dict[str, int]:
     _check_scenario(scenario)
     if diversity not in DIVERSITY:
         raise VspaError(f"params.yaml: prepare.diversity must be one of {', '.join(DIVERSITY)}, got {diversity!r}.")
@@ -853,7 +898,9 @@ def _validate(scenario, sizes, seed, height, width, fog_beta, fog_airlight, work
         )
     for split, n in sizes.items():
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_IMAGES_PER_SPLIT:
-            raise VspaError(f"params.yaml: prepare.{split} must be an integer in [0, {MAX_IMAGES_PER_SPLIT}], got {n!r}.")
+            raise VspaError(
+                f"params.yaml: prepare.{split} must be an integer in [0, {MAX_IMAGES_PER_SPLIT}], got {n!r}."
+            )
     if not isinstance(seed, int) or seed < 0:
         raise VspaError(f"params.yaml: prepare.seed must be a non-negative integer, got {seed!r}.")
     for key, value in (("height", height), ("width", width)):
@@ -900,8 +947,10 @@ def generate_benchmark(
     for split, n in sizes.items():
         for sub in ("images", "depth", "instances"):
             (out_dir / split / sub).mkdir(parents=True, exist_ok=True)
-        tasks += [(str(out_dir), scenario, split, i, seed, height, width, float(fog_beta), float(fog_airlight),
-                   diversity) for i in range(n)]
+        tasks += [
+            (str(out_dir), scenario, split, i, seed, height, width, float(fog_beta), float(fog_airlight), diversity)
+            for i in range(n)
+        ]
     bar = tqdm(total=len(tasks), desc=f"generate {scenario}", unit="img", disable=None if progress else True)
     results = {}
     if workers == 1 or len(tasks) < 16:
@@ -917,8 +966,16 @@ def generate_benchmark(
                 bar.update()
     bar.close()
 
-    summary = {"scenario": scenario, "seed": seed, "height": height, "width": width, "fog_beta": fog_beta,
-               "fog_airlight": fog_airlight, "generator": GENERATOR, "splits": {}}
+    summary = {
+        "scenario": scenario,
+        "seed": seed,
+        "height": height,
+        "width": width,
+        "fog_beta": fog_beta,
+        "fog_airlight": fog_airlight,
+        "generator": GENERATOR,
+        "splits": {},
+    }
     if diversity != "standard":  # the standard benchmark's files stay byte-identical to before the knob
         summary["diversity"] = diversity
     for split, n in sizes.items():
@@ -929,10 +986,18 @@ def generate_benchmark(
             for obj in objects:
                 annotations.append({"id": len(annotations), **obj})
         domain, part = split.split("_")
-        info = {"scenario": scenario, "domain": domain, "split": part, "seed": seed, "generator": GENERATOR,
-                "style": DOMAIN_STYLE[(scenario, domain)][0], "foggy": DOMAIN_STYLE[(scenario, domain)][1],
-                "fog_beta": fog_beta, "fog_airlight": fog_airlight,
-                **({"diversity": diversity} if diversity != "standard" else {})}
+        info = {
+            "scenario": scenario,
+            "domain": domain,
+            "split": part,
+            "seed": seed,
+            "generator": GENERATOR,
+            "style": DOMAIN_STYLE[(scenario, domain)][0],
+            "foggy": DOMAIN_STYLE[(scenario, domain)][1],
+            "fog_beta": fog_beta,
+            "fog_airlight": fog_airlight,
+            **({"diversity": diversity} if diversity != "standard" else {}),
+        }
         write_coco(out_dir / split / "annotations.json", images, annotations, categories, info)
         per_class = {name: sum(a["category_id"] == k for a in annotations) for k, name in enumerate(classes, 1)}
         summary["splits"][split] = {
@@ -941,7 +1006,8 @@ def generate_benchmark(
             "per_class": per_class,
             "objects_per_image": round(len(annotations) / n, 3) if n else 0.0,
             "mean_occlusion": round(float(np.mean([a["attributes"]["occlusion"] for a in annotations])), 4)
-            if annotations else 0.0,
+            if annotations
+            else 0.0,
         }
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary

@@ -98,9 +98,7 @@ def _erase(image: torch.Tensor, g: torch.Generator, area_range: tuple[float, flo
     return image
 
 
-def strong(
-    image: torch.Tensor, rng: torch.Generator | int | None = None, erase: bool = True
-) -> torch.Tensor:
+def strong(image: torch.Tensor, rng: torch.Generator | int | None = None, erase: bool = True) -> torch.Tensor:
     """Photometric augmentation of a [3, H, W] image in [0, 1]; geometry (and so the boxes) unchanged.
 
     ``erase=False`` skips the random erasing (the other steps draw the same random numbers either way).

@@ -38,7 +38,7 @@ DEFAULT_ANCHOR_SIZES = {
 }
 
 HOW_TO_GET_WEIGHTS = (
-    "On a machine with network access run, e.g.: python -c \"import torch, torchvision; "
+    'On a machine with network access run, e.g.: python -c "import torch, torchvision; '
     "m = torchvision.models.{arch}(weights='DEFAULT'); torch.save(m.state_dict(), '{path}')\" "
     "and copy the file here, or set model.pretrained_weights: null to train from scratch."
 )

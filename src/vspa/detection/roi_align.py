@@ -86,7 +86,9 @@ class _RoIAlignSparseBackward(torch.autograd.Function):
             return grad_out.new_zeros((batch, channels, height, width)), None, None, None, None
         rows, cols, weights = sampling_matrix(rois.detach(), height, width, output_size, spatial_scale, sampling_ratio)
         matrix = torch.sparse_coo_tensor(
-            torch.stack([rows, cols]), weights.to(grad_out.dtype), (batch * height * width, num * bins),
+            torch.stack([rows, cols]),
+            weights.to(grad_out.dtype),
+            (batch * height * width, num * bins),
             check_invariants=False,
         )
         per_bin = grad_out.reshape(num, channels, bins).transpose(1, 2).reshape(num * bins, channels)
@@ -109,8 +111,9 @@ def roi_align_fast_backward(
     )
     if not fast:
         return roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned=False)
-    return _RoIAlignSparseBackward.apply(features, rois.to(features.dtype), tuple(output_size), spatial_scale,
-                                         sampling_ratio)
+    return _RoIAlignSparseBackward.apply(
+        features, rois.to(features.dtype), tuple(output_size), spatial_scale, sampling_ratio
+    )
 
 
 class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
@@ -125,5 +128,6 @@ class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
                 x_filtered, image_shapes, self.canonical_scale, self.canonical_level
             )
         rois = _convert_to_roi_format(boxes)
-        return roi_align_fast_backward(x_filtered[0], rois, tuple(self.output_size), self.scales[0],
-                                       self.sampling_ratio)
+        return roi_align_fast_backward(
+            x_filtered[0], rois, tuple(self.output_size), self.scales[0], self.sampling_ratio
+        )

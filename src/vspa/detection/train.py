@@ -41,8 +41,16 @@ from vspa.training.seeds import BATCH_ORDER, derive_seed, global_batch
 from vspa.utils import VspaError, seed_everything, sha256_json
 
 # re-exported: other modules and tests import these names from here
-__all__ = ["CSV_COLUMNS", "STATE_FORMAT", "WARMUP_FACTOR", "TrainConfig", "derive_seed", "global_batch",
-           "run_training_stage", "train_detector"]
+__all__ = [
+    "CSV_COLUMNS",
+    "STATE_FORMAT",
+    "WARMUP_FACTOR",
+    "TrainConfig",
+    "derive_seed",
+    "global_batch",
+    "run_training_stage",
+    "train_detector",
+]
 
 CSV_COLUMNS = ("iteration", "lr", *LOSS_NAMES, "total")
 STATE_FORMAT = "vspa-train-state/1"
@@ -119,8 +127,13 @@ def _fingerprint(cfg: TrainConfig, detector: Detector, dataset_id: str) -> str:
     """What a resumed run must share with the run that wrote the checkpoint."""
     train = {k: v for k, v in cfg.record().items() if k not in ("device", "checkpoint_every")}
     return sha256_json(
-        {"train": train, "model": detector.cfg.to_dict(), "num_classes": detector.num_classes, "data": dataset_id,
-         "code": state_file.code_digest()}
+        {
+            "train": train,
+            "model": detector.cfg.to_dict(),
+            "num_classes": detector.num_classes,
+            "data": dataset_id,
+            "code": state_file.code_digest(),
+        }
     )
 
 
@@ -212,7 +225,9 @@ def train_detector(
         logged = distributed.all_reduce_mean(torch.stack([losses[k] for k in LOSS_NAMES] + [total]), ctx).cpu()
         values = logged.tolist()
         check_finite(
-            dict(zip((*LOSS_NAMES, "total"), values)), it + 1, "training",
+            dict(zip((*LOSS_NAMES, "total"), values)),
+            it + 1,
+            "training",
             f"Lower the learning rate (lr, now {cfg.lr:g}) or lengthen warmup_iters ({cfg.warmup_iters}).",
         )
         optimizer.zero_grad(set_to_none=True)

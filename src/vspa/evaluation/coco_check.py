@@ -66,18 +66,31 @@ def coco_ap50(
             gt_items += [(box, lab, 1) for lab in labels]
         for box, label, crowd in gt_items:
             bbox = xywh(box)
-            annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": label,
-                                "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": crowd})
-        results += [{"image_id": index, "category_id": int(lab), "bbox": xywh(b), "score": float(s)}
-                    for b, lab, s in zip(d_boxes, d_labels, d_scores)]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index,
+                    "category_id": label,
+                    "bbox": bbox,
+                    "area": bbox[2] * bbox[3],
+                    "iscrowd": crowd,
+                }
+            )
+        results += [
+            {"image_id": index, "category_id": int(lab), "bbox": xywh(b), "score": float(s)}
+            for b, lab, s in zip(d_boxes, d_labels, d_scores)
+        ]
 
     n_gt = np.bincount([a["category_id"] - 1 for a in annotations if not a["iscrowd"]], minlength=num_classes)
     ap: dict[str, float | None] = {name: (0.0 if n_gt[c] else None) for c, name in enumerate(class_names)}
     if results:  # pycocotools cannot load an empty result list; with no detections every AP is 0
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco_gt = COCO()
-            coco_gt.dataset = {"images": images, "annotations": annotations,
-                               "categories": [{"id": c + 1, "name": n} for c, n in enumerate(class_names)]}
+            coco_gt.dataset = {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": c + 1, "name": n} for c, n in enumerate(class_names)],
+            }
             coco_gt.createIndex()
             coco_dt = coco_gt.loadRes(results)
             ev = COCOeval(coco_gt, coco_dt, iouType="bbox")

@@ -19,8 +19,10 @@ class EvalConfig:
     batch_size: int  # images per inference batch, >= 1
     # named subsets of the split's images scored on their own (e.g. each fog level of Foggy Cityscapes): subset
     # name -> {image field: value}; only the cityscapes_foggy preset sets it, so params.yaml may omit it
-    subsets: dict = field(default_factory=dict, metadata={
-        "hint": f"Map a subset name to the image fields it selects, e.g. {SUBSETS_EXAMPLE}."})
+    subsets: dict = field(
+        default_factory=dict,
+        metadata={"hint": f"Map a subset name to the image fields it selects, e.g. {SUBSETS_EXAMPLE}."},
+    )
 
     def validate(self, name: str = "evaluate", path: str = "params.yaml") -> None:
         check_device(self.device, f"{name}.device", path)
@@ -28,5 +30,7 @@ class EvalConfig:
         check_number(self.batch_size >= 1, self.batch_size, f"{name}.batch_size", "at least 1", path)
         for sub, spec in self.subsets.items():
             if not isinstance(spec, dict) or not spec:
-                raise VspaError(f"{path}: {name}.subsets.{sub} must map image fields to values (e.g. "
-                                f"{{fog_beta: 0.02}} in {SUBSETS_EXAMPLE}), got {spec!r}.")
+                raise VspaError(
+                    f"{path}: {name}.subsets.{sub} must map image fields to values (e.g. "
+                    f"{{fog_beta: 0.02}} in {SUBSETS_EXAMPLE}), got {spec!r}."
+                )

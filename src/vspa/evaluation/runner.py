@@ -104,8 +104,9 @@ def evaluate_model(
         ordered["subsets"] = {}
         for name, spec in subsets.items():
             idx = subset_indices(dataset.coco.images, spec, name, where)
-            ordered["subsets"][name] = score([detections[i] for i in idx], [ground_truths[i] for i in idx],
-                                             class_names, iou)[0]
+            ordered["subsets"][name] = score(
+                [detections[i] for i in idx], [ground_truths[i] for i in idx], class_names, iou
+            )[0]
     return ordered, curves
 
 
@@ -119,7 +120,9 @@ def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     info = {k: v for k, v in metrics.items() if k not in RESULT_KEYS and k != "subsets"}
     if metrics.get("subsets"):
         results["subsets"] = {n: {k: m[k] for k in RESULT_KEYS if k in m} for n, m in metrics["subsets"].items()}
-        info["subsets"] = {n: {k: v for k, v in m.items() if k not in RESULT_KEYS} for n, m in metrics["subsets"].items()}
+        info["subsets"] = {
+            n: {k: v for k, v in m.items() if k not in RESULT_KEYS} for n, m in metrics["subsets"].items()
+        }
     return results, info
 
 
@@ -143,8 +146,10 @@ def subset_indices(images: list[dict], spec: dict, name: str, where: str) -> lis
 
     Raises VspaError naming the subset and the file when the spec is malformed or selects no image."""
     if not isinstance(spec, dict) or not spec:
-        raise VspaError(f"evaluate.subsets.{name}: expected a mapping of image field -> value (e.g. "
-                        f"{{fog_beta: 0.02}}), got {spec!r}.")
+        raise VspaError(
+            f"evaluate.subsets.{name}: expected a mapping of image field -> value (e.g. "
+            f"{{fog_beta: 0.02}}), got {spec!r}."
+        )
 
     def same(a, b) -> bool:
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
@@ -154,8 +159,10 @@ def subset_indices(images: list[dict], spec: dict, name: str, where: str) -> lis
     idx = [i for i, img in enumerate(images) if all(k in img and same(img[k], v) for k, v in spec.items())]
     if not idx:
         seen = {k: sorted({repr(img[k]) for img in images if k in img}) for k in spec}
-        raise VspaError(f"evaluate.subsets.{name} = {spec}: no image of {where} matches (values there: {seen}). "
-                        f"Fix the subset or prepare the split with those images (e.g. foggy_cityscapes beta: all).")
+        raise VspaError(
+            f"evaluate.subsets.{name} = {spec}: no image of {where} matches (values there: {seen}). "
+            f"Fix the subset or prepare the split with those images (e.g. foggy_cityscapes beta: all)."
+        )
     return idx
 
 

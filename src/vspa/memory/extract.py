@@ -60,9 +60,7 @@ def embed_batch(detector, images: list[torch.Tensor], targets: list[dict], keep:
     """
     device = images[0].device
     counts = [len(t["boxes"]) for t in targets]
-    masked = [
-        torch.cat([t["boxes"], t.get("ignore_boxes", t["boxes"][:0])]).to(device, torch.float32) for t in targets
-    ]
+    masked = [torch.cat([t["boxes"], t.get("ignore_boxes", t["boxes"][:0])]).to(device, torch.float32) for t in targets]
     image_list, scaled = detector.prepare(images, [{"boxes": b} for b in masked])  # resize the boxes too
     features = detector.backbone_features(image_list)
     mask_boxes = [t["boxes"] for t in scaled]

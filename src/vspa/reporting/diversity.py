@@ -26,8 +26,12 @@ def _values(summary: dict, row: str, cls: str | None = None) -> dict[int, float]
 
 def welch(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> dict:
     """Mean of ``a`` - mean of ``b`` with Welch's t interval (Welch-Satterthwaite degrees of freedom)."""
-    out = {"mean": statistics.fmean(a) - statistics.fmean(b) if a and b else None, "ci": None,
-           "half_width": None, "verdict": "not shown"}
+    out = {
+        "mean": statistics.fmean(a) - statistics.fmean(b) if a and b else None,
+        "ci": None,
+        "half_width": None,
+        "verdict": "not shown",
+    }
     if len(a) < 2 or len(b) < 2:
         return out
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
@@ -41,8 +45,9 @@ def welch(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> dic
     return out
 
 
-def compare_levels(levels: dict[str, dict], rows: list[str], pairs: list[tuple[str, str]],
-                   seeds: list[int] | None = None) -> dict:
+def compare_levels(
+    levels: dict[str, dict], rows: list[str], pairs: list[tuple[str, str]], seeds: list[int] | None = None
+) -> dict:
     """``levels[name]`` = a summary; ``pairs`` = (row, reference) differences to compare across levels.
 
     ``seeds``: restrict every level to these seeds (default: each level's own). Returns the table's data."""
@@ -57,10 +62,15 @@ def compare_levels(levels: dict[str, dict], rows: list[str], pairs: list[tuple[s
                 continue
             classes = list(summary["rows"][row]["AP"])
             out["rows"].setdefault(row, {})[level] = {
-                "mAP": {"mean": statistics.fmean(vals.values()), "n": len(vals), "values": vals,
-                        "std": statistics.stdev(vals.values()) if len(vals) > 1 else 0.0},
-                "AP": {c: statistics.fmean(v for s, v in _values(summary, row, c).items() if s in vals)
-                       for c in classes},
+                "mAP": {
+                    "mean": statistics.fmean(vals.values()),
+                    "n": len(vals),
+                    "values": vals,
+                    "std": statistics.stdev(vals.values()) if len(vals) > 1 else 0.0,
+                },
+                "AP": {
+                    c: statistics.fmean(v for s, v in _values(summary, row, c).items() if s in vals) for c in classes
+                },
             }
     for row, ref in pairs:
         key = f"{row} - {ref}"
@@ -81,31 +91,51 @@ def compare_levels(levels: dict[str, dict], rows: list[str], pairs: list[tuple[s
 def render(table: dict, descriptions: dict[str, str]) -> str:
     names = table["levels"]
     classes = sorted({c for by_level in table["rows"].values() for s in by_level.values() for c in s["AP"]})
-    lines = ["| Method | diversity | seeds | " + " | ".join(classes) + " | mAP (mean ± std) | mAP per seed |",
-             "|---|---|---:|" + "---:|" * len(classes) + "---:|---|"]
+    lines = [
+        "| Method | diversity | seeds | " + " | ".join(classes) + " | mAP (mean ± std) | mAP per seed |",
+        "|---|---|---:|" + "---:|" * len(classes) + "---:|---|",
+    ]
     for row, by_level in table["rows"].items():
         for level in names:
             s = by_level.get(level)
             if s is None:
                 continue
-            lines.append(f"| {descriptions.get(row, row)} | {level} | {s['mAP']['n']} | "
-                         + " | ".join(f"{s['AP'].get(c, float('nan')):.1f}" for c in classes)
-                         + f" | {s['mAP']['mean']:.1f} ± {s['mAP']['std']:.1f} | "
-                         + ", ".join(f"{v:.1f}" for v in s["mAP"]["values"].values()) + " |")
+            lines.append(
+                f"| {descriptions.get(row, row)} | {level} | {s['mAP']['n']} | "
+                + " | ".join(f"{s['AP'].get(c, float('nan')):.1f}" for c in classes)
+                + f" | {s['mAP']['mean']:.1f} ± {s['mAP']['std']:.1f} | "
+                + ", ".join(f"{v:.1f}" for v in s["mAP"]["values"].values())
+                + " |"
+            )
     head = " | ".join(f"{n}: mean [95% interval], verdict" for n in names)
-    lines += ["", "Paired mAP differences at each level (Student t over the seeds), and the change of the "
-              f"difference from {names[0]} to {names[-1]} (Welch t: the levels are different datasets):", "",
-              f"| difference | {head} | change [95% interval], verdict |",
-              "|---|" + "---|" * len(names) + "---|"]
+    lines += [
+        "",
+        "Paired mAP differences at each level (Student t over the seeds), and the change of the "
+        f"difference from {names[0]} to {names[-1]} (Welch t: the levels are different datasets):",
+        "",
+        f"| difference | {head} | change [95% interval], verdict |",
+        "|---|" + "---|" * len(names) + "---|",
+    ]
     for key, entry in table["pairs"].items():
         cells = []
         for level in names:
             d = entry["per_level"][level]
-            cells.append("-" if d["mean"] is None else
-                         f"{d['mean']:+.2f}" + (f" [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}], {d['verdict']}"
-                                                 if d["ci"] else f" (n={d['n']}), not shown"))
+            cells.append(
+                "-"
+                if d["mean"] is None
+                else f"{d['mean']:+.2f}"
+                + (
+                    f" [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}], {d['verdict']}"
+                    if d["ci"]
+                    else f" (n={d['n']}), not shown"
+                )
+            )
         ch = entry.get("change") or {}
-        change = ("-" if ch.get("mean") is None else f"{ch['mean']:+.2f}"
-                  + (f" [{ch['ci'][0]:+.2f}, {ch['ci'][1]:+.2f}], {ch['verdict']}" if ch.get("ci") else ", not shown"))
+        change = (
+            "-"
+            if ch.get("mean") is None
+            else f"{ch['mean']:+.2f}"
+            + (f" [{ch['ci'][0]:+.2f}, {ch['ci'][1]:+.2f}], {ch['verdict']}" if ch.get("ci") else ", not shown")
+        )
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {change} |")
     return "\n".join(lines) + "\n"

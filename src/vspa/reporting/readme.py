@@ -43,8 +43,10 @@ def tables(text: str) -> list[list[str]]:
 def source_table(root: Path, path: str, index: int, where: str) -> list[str]:
     source = root / path
     if not source.is_file():
-        raise VspaError(f"{where}: the table's source {path} does not exist. Run the stage or benchmark that "
-                        "writes it, or fix the marker.")
+        raise VspaError(
+            f"{where}: the table's source {path} does not exist. Run the stage or benchmark that "
+            "writes it, or fix the marker."
+        )
     found = tables(source.read_text())
     if not 1 <= index <= len(found):
         raise VspaError(f"{where}: {path} has {len(found)} table(s), the marker asks for number {index}.")

@@ -49,8 +49,16 @@ def paired(a: dict[int, float], b: dict[int, float], confidence: float = CONFIDE
     """The paired difference ``a - b`` over the seeds both have: per-seed values, mean, sd, the t interval."""
     seeds = sorted(set(a) & set(b))
     diffs = [a[s] - b[s] for s in seeds]
-    out = {"seeds": seeds, "diffs": diffs, "n": len(diffs), "mean": statistics.fmean(diffs) if diffs else None,
-           "sd": None, "half_width": None, "ci": None, "verdict": "not shown"}
+    out = {
+        "seeds": seeds,
+        "diffs": diffs,
+        "n": len(diffs),
+        "mean": statistics.fmean(diffs) if diffs else None,
+        "sd": None,
+        "half_width": None,
+        "ci": None,
+        "verdict": "not shown",
+    }
     if len(diffs) >= 2:
         sd = statistics.stdev(diffs)
         half = t_quantile(0.5 + confidence / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
@@ -71,8 +79,12 @@ def row_stats(per_seed: dict[int, dict], key: str = "mAP") -> dict:
     """Mean, sample std (0 for one seed) and per-seed values of ``key`` of one row's metrics."""
     values = {s: m[key] for s, m in sorted(per_seed.items()) if m.get(key) is not None}
     vals = list(values.values())
-    return {"n": len(vals), "mean": statistics.fmean(vals) if vals else None,
-            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "values": values}
+    return {
+        "n": len(vals),
+        "mean": statistics.fmean(vals) if vals else None,
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "values": values,
+    }
 
 
 def summarise(results: dict[int, dict[str, dict]], rows: list[str], references: list[str]) -> dict:
@@ -125,29 +137,40 @@ def render(summary: dict, descriptions: dict[str, str], split: str = "target tes
     ]
     for row, s in rows.items():
         per_seed = ", ".join(f"{v:.1f}" for v in s["mAP"]["values"].values())
-        lines.append(f"| {descriptions.get(row, row)} | {s['mAP']['n']} | "
-                     + " | ".join(_pm(s["AP"][c]) for c in classes) + f" | {_pm(s['mAP'])} | {per_seed} |")
+        lines.append(
+            f"| {descriptions.get(row, row)} | {s['mAP']['n']} | "
+            + " | ".join(_pm(s["AP"][c]) for c in classes)
+            + f" | {_pm(s['mAP'])} | {per_seed} |"
+        )
     for ref, table in summary["paired"].items():
         lines += [
             "",
             f"Paired mAP difference against **{descriptions.get(ref, ref)}** (per seed: row - reference; 95% "
-            "interval: Student t over the seeds both rows have; \"shown\" when it excludes 0):",
+            'interval: Student t over the seeds both rows have; "shown" when it excludes 0):',
             "",
             "| Method | seeds | mean difference | sd | 95% interval | half-width | verdict |",
             "|---|---:|---:|---:|---|---:|---|",
         ]
         for row, d in table.items():
             if d["n"] < 2:
-                lines.append(f"| {descriptions.get(row, row)} | {d['n']} | "
-                             + ("-" if d["mean"] is None else f"{d['mean']:+.1f}") + " | - | - | - | not shown |")
+                lines.append(
+                    f"| {descriptions.get(row, row)} | {d['n']} | "
+                    + ("-" if d["mean"] is None else f"{d['mean']:+.1f}")
+                    + " | - | - | - | not shown |"
+                )
                 continue
-            lines.append(f"| {descriptions.get(row, row)} | {d['n']} | {d['mean']:+.2f} | {d['sd']:.2f} | "
-                         f"[{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] | {d['half_width']:.2f} | {d['verdict']} |")
+            lines.append(
+                f"| {descriptions.get(row, row)} | {d['n']} | {d['mean']:+.2f} | {d['sd']:.2f} | "
+                f"[{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] | {d['half_width']:.2f} | {d['verdict']} |"
+            )
     gap = gap_closed(summary)
     if gap:
-        lines += ["", "Gap closed, (mean mAP - source) / (oracle - source): "
-                  + ", ".join(f"{descriptions.get(r, r).split(':')[0].split(' (')[0]} {g:.1f}%" for r, g in gap.items())
-                  + "."]
+        lines += [
+            "",
+            "Gap closed, (mean mAP - source) / (oracle - source): "
+            + ", ".join(f"{descriptions.get(r, r).split(':')[0].split(' (')[0]} {g:.1f}%" for r, g in gap.items())
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -168,8 +191,14 @@ def plot_differences(summary: dict, path: Path, descriptions: dict[str, str]) ->
             ax.scatter(d["diffs"], [y] * len(d["diffs"]), s=14, alpha=0.6, color="tab:blue")
             if d["ci"] is not None:
                 colour = "tab:green" if d["verdict"] == "shown" else "tab:gray"
-                ax.errorbar([d["mean"]], [y], xerr=[[d["mean"] - d["ci"][0]], [d["ci"][1] - d["mean"]]], fmt="D",
-                            color=colour, capsize=4)
+                ax.errorbar(
+                    [d["mean"]],
+                    [y],
+                    xerr=[[d["mean"] - d["ci"][0]], [d["ci"][1] - d["mean"]]],
+                    fmt="D",
+                    color=colour,
+                    capsize=4,
+                )
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(range(len(table)))
         ax.set_yticklabels([row for row in table], fontsize=8)
@@ -209,14 +238,23 @@ def teacher_drift(diagnostics: dict[int, dict[str, dict]], threshold: float = DR
 def render_drift(drift: dict, descriptions: dict[str, str], threshold: float = DRIFT_PRECISION) -> str:
     if not drift:
         return ""
-    lines = ["", f"Teacher drift: second-half precision of the teacher's kept pseudo-labels on target train (checked "
-             f"against its labels, for this diagnostic only), per seed; a run below {threshold} has drifted:", "",
-             "| Method | seeds | drifted | precision per seed | pseudo-labels per image per seed |",
-             "|---|---:|---|---|---|"]
+    lines = [
+        "",
+        f"Teacher drift: second-half precision of the teacher's kept pseudo-labels on target train (checked "
+        f"against its labels, for this diagnostic only), per seed; a run below {threshold} has drifted:",
+        "",
+        "| Method | seeds | drifted | precision per seed | pseudo-labels per image per seed |",
+        "|---|---:|---|---|---|",
+    ]
     for row, d in drift.items():
         n = len(d["precision"])
-        lines.append(f"| {descriptions.get(row, row)} | {n} | {len(d['drifted'])}/{n}"
-                     + (f" (seed {', '.join(map(str, d['drifted']))})" if d["drifted"] else "") + " | "
-                     + ", ".join(f"{v:.2f}" for v in d["precision"].values()) + " | "
-                     + ", ".join("-" if v is None else f"{v:.1f}" for v in d["per_image"].values()) + " |")
+        lines.append(
+            f"| {descriptions.get(row, row)} | {n} | {len(d['drifted'])}/{n}"
+            + (f" (seed {', '.join(map(str, d['drifted']))})" if d["drifted"] else "")
+            + " | "
+            + ", ".join(f"{v:.2f}" for v in d["precision"].values())
+            + " | "
+            + ", ".join("-" if v is None else f"{v:.1f}" for v in d["per_image"].values())
+            + " |"
+        )
     return "\n".join(lines) + "\n"

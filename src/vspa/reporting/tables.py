@@ -38,16 +38,61 @@ PAPER_RESULTS: dict[str, dict[str, Any]] = {
     "cityscapes_foggy": {
         "title": "Cityscapes -> Foggy Cityscapes, paper Table 1",
         "rows": {
-            "Source (F-RCNN)": {"bus": 20.1, "bicycle": 31.9, "car": 39.6, "motorcycle": 16.9, "person": 29.0,
-                                "rider": 37.2, "train": 5.2, "truck": 8.1, "mAP": 23.5},
-            "AT": {"bus": 60.0, "bicycle": 49.0, "car": 63.6, "motorcycle": 38.8, "person": 45.0, "rider": 53.9,
-                   "train": 45.1, "truck": 33.9, "mAP": 49.0},
-            "MILA": {"bus": 61.4, "bicycle": 51.5, "car": 64.8, "motorcycle": 39.7, "person": 45.6, "rider": 52.8,
-                     "train": 54.1, "truck": 34.7, "mAP": 50.6},
-            "Ours": {"bus": 64.8, "bicycle": 54.9, "car": 65.4, "motorcycle": 43.8, "person": 47.4, "rider": 57.0,
-                     "train": 53.7, "truck": 38.0, "mAP": 53.1},
-            "Oracle (F-RCNN)": {"bus": 50.3, "bicycle": 40.7, "car": 61.3, "motorcycle": 32.5, "person": 43.1,
-                                "rider": 49.8, "train": 35.1, "truck": 28.6, "mAP": 42.7},
+            "Source (F-RCNN)": {
+                "bus": 20.1,
+                "bicycle": 31.9,
+                "car": 39.6,
+                "motorcycle": 16.9,
+                "person": 29.0,
+                "rider": 37.2,
+                "train": 5.2,
+                "truck": 8.1,
+                "mAP": 23.5,
+            },
+            "AT": {
+                "bus": 60.0,
+                "bicycle": 49.0,
+                "car": 63.6,
+                "motorcycle": 38.8,
+                "person": 45.0,
+                "rider": 53.9,
+                "train": 45.1,
+                "truck": 33.9,
+                "mAP": 49.0,
+            },
+            "MILA": {
+                "bus": 61.4,
+                "bicycle": 51.5,
+                "car": 64.8,
+                "motorcycle": 39.7,
+                "person": 45.6,
+                "rider": 52.8,
+                "train": 54.1,
+                "truck": 34.7,
+                "mAP": 50.6,
+            },
+            "Ours": {
+                "bus": 64.8,
+                "bicycle": 54.9,
+                "car": 65.4,
+                "motorcycle": 43.8,
+                "person": 47.4,
+                "rider": 57.0,
+                "train": 53.7,
+                "truck": 38.0,
+                "mAP": 53.1,
+            },
+            "Oracle (F-RCNN)": {
+                "bus": 50.3,
+                "bicycle": 40.7,
+                "car": 61.3,
+                "motorcycle": 32.5,
+                "person": 43.1,
+                "rider": 49.8,
+                "train": 35.1,
+                "truck": 28.6,
+                "mAP": 42.7,
+            },
         },
         "source": "Source (F-RCNN)",
         "oracle": "Oracle (F-RCNN)",
@@ -66,12 +111,17 @@ PAPER_RESULTS: dict[str, dict[str, Any]] = {
     "voc_comic2k": {
         "title": "Pascal VOC -> Comic2k, paper Table 3",
         "rows": {
-            "Source": {"bicycle": 32.5, "bird": 12.0, "car": 21.1, "cat": 10.4, "dog": 12.4, "person": 29.9,
-                       "mAP": 19.7},
-            "MILA": {"bicycle": 59.1, "bird": 28.5, "car": 49.8, "cat": 28.3, "dog": 35.7, "person": 66.3,
-                     "mAP": 44.6},
-            "Ours": {"bicycle": 63.4, "bird": 24.6, "car": 48.7, "cat": 27.9, "dog": 38.3, "person": 64.1,
-                     "mAP": 44.5},
+            "Source": {
+                "bicycle": 32.5,
+                "bird": 12.0,
+                "car": 21.1,
+                "cat": 10.4,
+                "dog": 12.4,
+                "person": 29.9,
+                "mAP": 19.7,
+            },
+            "MILA": {"bicycle": 59.1, "bird": 28.5, "car": 49.8, "cat": 28.3, "dog": 35.7, "person": 66.3, "mAP": 44.6},
+            "Ours": {"bicycle": 63.4, "bird": 24.6, "car": 48.7, "cat": 27.9, "dog": 38.3, "person": 64.1, "mAP": 44.5},
         },
         "source": "Source",
         "oracle": None,
@@ -143,7 +193,9 @@ def build_comparison(
     subsets: dict[str, list[dict]] = {}
     for row in rows:
         entry: dict[str, Any] = {
-            "name": row.name, "description": row.description, "metrics_file": str(row.metrics_path)
+            "name": row.name,
+            "description": row.description,
+            "metrics_file": str(row.metrics_path),
         }
         if not row.metrics_path.is_file():
             entries.append({**entry, "missing": True})
@@ -157,13 +209,28 @@ def build_comparison(
                 f"{row.metrics_path} has classes {row_classes} but {first_path} has {classes}; a table compares "
                 "models on one test split. Re-evaluate both on the same data."
             )
-        entries.append({**entry, "missing": False, "AP": metrics["AP"], "mAP": metrics["mAP"],
-                        "coco_mAP50": metrics.get("coco_mAP50")})
+        entries.append(
+            {
+                **entry,
+                "missing": False,
+                "AP": metrics["AP"],
+                "mAP": metrics["mAP"],
+                "coco_mAP50": metrics.get("coco_mAP50"),
+            }
+        )
         for sub, sm in (metrics.get("subsets") or {}).items():  # evaluate.subsets, e.g. each fog level
-            subsets.setdefault(sub, []).append({
-                "name": f"{row.name}@{sub}", "description": f"{row.description} [{sub}]",
-                "metrics_file": str(row.metrics_path), "missing": False, "subset": sub, "AP": sm["AP"],
-                "mAP": sm["mAP"], "coco_mAP50": sm.get("coco_mAP50")})
+            subsets.setdefault(sub, []).append(
+                {
+                    "name": f"{row.name}@{sub}",
+                    "description": f"{row.description} [{sub}]",
+                    "metrics_file": str(row.metrics_path),
+                    "missing": False,
+                    "subset": sub,
+                    "AP": sm["AP"],
+                    "mAP": sm["mAP"],
+                    "coco_mAP50": sm.get("coco_mAP50"),
+                }
+            )
     if subsets:  # the whole split's rows first, then one block per subset
         for e in entries:
             e["description"] += " [whole test split]"
@@ -187,8 +254,12 @@ def build_comparison(
             "scenario": paper,
             "title": ref["title"],
             "rows": [
-                {"name": name, "AP": {c: v for c, v in values.items() if c != "mAP"}, "mAP": values["mAP"],
-                 "gap_closed": _gap_closed(values["mAP"], p_src, p_orc)}
+                {
+                    "name": name,
+                    "AP": {c: v for c, v in values.items() if c != "mAP"},
+                    "mAP": values["mAP"],
+                    "gap_closed": _gap_closed(values["mAP"], p_src, p_orc),
+                }
                 for name, values in ref["rows"].items()
             ],
         }

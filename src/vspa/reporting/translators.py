@@ -28,13 +28,20 @@ def _read(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise VspaError(f"{path}: missing. Run `dvc repro report_translate` (it runs the stage that writes it).") from exc
+        raise VspaError(
+            f"{path}: missing. Run `dvc repro report_translate` (it runs the stage that writes it)."
+        ) from exc
     except json.JSONDecodeError as exc:
         raise VspaError(f"{path}: not valid JSON ({exc}). Rerun the stage that writes it.") from exc
 
 
-def collect(metrics_dir: Path, diagnostics_dir: Path, seeds: list[int], source_row: str = "source_on_target",
-            variants: tuple[str, ...] = VARIANTS) -> tuple[dict, dict]:
+def collect(
+    metrics_dir: Path,
+    diagnostics_dir: Path,
+    seeds: list[int],
+    source_row: str = "source_on_target",
+    variants: tuple[str, ...] = VARIANTS,
+) -> tuple[dict, dict]:
     """``(results[seed][row] metrics, diagnostics[seed][variant])`` from ``<metrics_dir>/translate_<variant>_s<S>.json``,
     ``<metrics_dir>/<source_row>.json`` (the same frozen detector for every seed) and
     ``<diagnostics_dir>/seed<S>/<variant>_diagnostics.json``."""
@@ -67,15 +74,22 @@ def render_translators(results: dict, diagnostics: dict, variants: tuple[str, ..
     rows = ["source_on_target", *variants]
     summary = summarise(results, rows, references=["cut", "attention"])
     text = render(summary, DESCRIPTIONS)
-    text = text.replace("over training seeds; a seed fixes the\nsource detector and every run made from it",
-                        "over translator seeds; a seed fixes every translator's crops,\nviews and initialisation "
-                        "(the source detector is the same frozen one)")
-    lines = ["", "Diagnostics per run (`<variant>_diagnostics.json`): L_GA and PatchNCE over the first and last 10% of "
-             "the iterations; the attention masks at the end: mean per-pixel entropy (max ln 10 = 2.303), the "
-             "background mask inside / outside the annotated boxes; L_GA's view separation at the end (cosine of "
-             "two views of one image minus that of two images).", "",
-             "| variant | seed | L_GA first -> last | PatchNCE first -> last | mask entropy | bg mask on / off objects "
-             "| L_GA same - diff |", "|---|---:|---|---|---:|---|---:|"]
+    text = text.replace(
+        "over training seeds; a seed fixes the\nsource detector and every run made from it",
+        "over translator seeds; a seed fixes every translator's crops,\nviews and initialisation "
+        "(the source detector is the same frozen one)",
+    )
+    lines = [
+        "",
+        "Diagnostics per run (`<variant>_diagnostics.json`): L_GA and PatchNCE over the first and last 10% of "
+        "the iterations; the attention masks at the end: mean per-pixel entropy (max ln 10 = 2.303), the "
+        "background mask inside / outside the annotated boxes; L_GA's view separation at the end (cosine of "
+        "two views of one image minus that of two images).",
+        "",
+        "| variant | seed | L_GA first -> last | PatchNCE first -> last | mask entropy | bg mask on / off objects "
+        "| L_GA same - diff |",
+        "|---|---:|---|---|---:|---|---:|",
+    ]
     for variant in variants:
         for seed in sorted(diagnostics):
             d = diagnostics[seed].get(variant, {})
@@ -85,5 +99,6 @@ def render_translators(results: dict, diagnostics: dict, variants: tuple[str, ..
             lines.append(
                 f"| {variant} | {seed} | {_f(ga[0], '.2f')} -> {_f(ga[1], '.2f')} | {_f(nce[0], '.2f')} -> "
                 f"{_f(nce[1], '.2f')} | {_f(final.get('mask_entropy'))} | {_f(final.get('bg_on_objects'))} / "
-                f"{_f(final.get('bg_off_objects'))} | {_f(final.get('lg_gap'))} |")
+                f"{_f(final.get('bg_off_objects'))} | {_f(final.get('lg_gap'))} |"
+            )
     return text + "\n".join(lines) + "\n", summary

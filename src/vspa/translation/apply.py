@@ -48,8 +48,13 @@ def translate_image(generator: Translator, image: torch.Tensor) -> torch.Tensor:
     return generator(pad_to_multiple(image[None].to(device)))[0, :, :h, :w]
 
 
-def translate_split(model_path: str | os.PathLike, split_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                    device="cpu", progress: bool = True) -> dict[str, Any]:
+def translate_split(
+    model_path: str | os.PathLike,
+    split_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    device="cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
     """Translate every image of ``split_dir`` into ``out_dir`` (see the module doc). Returns a summary."""
     from vspa.data.coco import atomic_dir, load_coco, write_coco
 
@@ -63,14 +68,22 @@ def translate_split(model_path: str | os.PathLike, split_dir: str | os.PathLike,
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         images_out = []
-        for index, image in enumerate(tqdm(data.images, desc=f"translate_apply {meta['variant']}", unit="img",
-                                           disable=None if progress else True)):
+        for index, image in enumerate(
+            tqdm(data.images, desc=f"translate_apply {meta['variant']}", unit="img", disable=None if progress else True)
+        ):
             translated = translate_image(generator, read_image(data.image_path(image)))
             file_name = f"images/{index:06d}.png"
             Image.fromarray(to_uint8(translated)).save(tmp / file_name, format="PNG")
             kept = {k: v for k, v in image.items() if k not in ("depth_file", "instance_file")}
             images_out.append({**kept, "file_name": file_name})
-        info = {**data.info, "translated_by": {"variant": meta["variant"], "model": str(model_path),
-                                               "model_sha256": sha256_file(model_path), "source_split": str(split_dir)}}
+        info = {
+            **data.info,
+            "translated_by": {
+                "variant": meta["variant"],
+                "model": str(model_path),
+                "model_sha256": sha256_file(model_path),
+                "source_split": str(split_dir),
+            },
+        }
         write_coco(tmp / "annotations.json", images_out, annotations, data.category_records, info)
     return {"images": len(images_out), "variant": meta["variant"], "out_dir": str(out_dir)}

@@ -57,8 +57,9 @@ def box_mask(annotations: list[dict], height: int, width: int) -> torch.Tensor:
 class DiagnosticImages:
     """The first ``count`` images of a split (``[3, H, W]`` in [-1, 1]) and the masks of their boxes."""
 
-    def __init__(self, split_dir: str | os.PathLike, crop: tuple[int, int] | None, multiple: int,
-                 count: int = DIAG_IMAGES):
+    def __init__(
+        self, split_dir: str | os.PathLike, crop: tuple[int, int] | None, multiple: int, count: int = DIAG_IMAGES
+    ):
         from vspa.data.coco import load_coco
         from vspa.translation.trainer import read_image
 
@@ -122,16 +123,22 @@ def attention_stats(generator, images: DiagnosticImages, device) -> dict:
         "fg_usage_min": _round(usage[:-1].min()),
         "fg_usage_max": _round(usage[:-1].max()),
         "bg_mean": _round(usage[-1]),
-        "bg_on_objects": None, "bg_off_objects": None, "fg_object_gap_max": None, "object_share": None,
+        "bg_on_objects": None,
+        "bg_off_objects": None,
+        "fg_object_gap_max": None,
+        "object_share": None,
     }
     if on_pixels and pixels - on_pixels:
         mean_on = share_on / on_pixels
         mean_off = (share - share_on) / (pixels - on_pixels)
-        out.update({
-            "bg_on_objects": _round(mean_on[-1]), "bg_off_objects": _round(mean_off[-1]),
-            "fg_object_gap_max": _round((mean_on[:-1] - mean_off[:-1]).max()),
-            "object_share": _round(on_pixels / pixels),
-        })
+        out.update(
+            {
+                "bg_on_objects": _round(mean_on[-1]),
+                "bg_off_objects": _round(mean_off[-1]),
+                "fg_object_gap_max": _round((mean_on[:-1] - mean_off[:-1]).max()),
+                "object_share": _round(on_pixels / pixels),
+            }
+        )
     return out
 
 
@@ -144,8 +151,10 @@ def lg_separation(local_global, generator, views_of: torch.Tensor, seed: int, de
     v1, v2 = two_views(views_of.to(device), torch.Generator().manual_seed(seed))
     if int(local_global.whole_stats[0].updates) == 0:  # not trained yet: standardise by these views' statistics
         local_global = copy.deepcopy(local_global)
-        for view, encoder, attention in ((v1, generator.encoder, generator.attention),
-                                         (v2, local_global.momentum_encoder, local_global.momentum_attention)):
+        for view, encoder, attention in (
+            (v1, generator.encoder, generator.attention),
+            (v2, local_global.momentum_encoder, local_global.momentum_attention),
+        ):
             whole, parts = local_global.pooled(encoder, attention, view)
             for stats, f in [*zip(local_global.whole_stats, whole), *zip(local_global.patch_stats, parts)]:
                 stats.update(f)
@@ -159,16 +168,26 @@ def lg_separation(local_global, generator, views_of: torch.Tensor, seed: int, de
         diff.append(float(sim[~eye].mean()))
         top1.append(float((sim.argmax(dim=1) == torch.arange(n, device=sim.device)).float().mean()))
     mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return {"lg_same": _round(mean(same)), "lg_diff": _round(mean(diff)),
-            "lg_gap": _round(mean(same) - mean(diff)), "lg_top1": _round(mean(top1))}
+    return {
+        "lg_same": _round(mean(same)),
+        "lg_diff": _round(mean(diff)),
+        "lg_gap": _round(mean(same) - mean(diff)),
+        "lg_top1": _round(mean(top1)),
+    }
 
 
 def _norm(module) -> float:
     return math.sqrt(sum(float(p.grad.detach().pow(2).sum()) for p in module.parameters() if p.grad is not None))
 
 
-def gradient_norms(models, real_a: torch.Tensor, real_b: torch.Tensor, lambda_nce: float, lambda_ga: float,
-                   views_rng: torch.Generator | None = None) -> dict:
+def gradient_norms(
+    models,
+    real_a: torch.Tensor,
+    real_b: torch.Tensor,
+    lambda_nce: float,
+    lambda_ga: float,
+    views_rng: torch.Generator | None = None,
+) -> dict:
     """The L2 norms of the gradients of ``lambda_nce * 0.5 [NCE(a, G(a)) + NCE(b, G(b))]`` and (with L_GA)
     ``lambda_ga * L_GA(a)`` on E's and G_A's parameters, each alone, computed on a copy of ``models`` (nothing
     changes): ``grad_encoder_nce``, ``grad_encoder_ga``, ``grad_attention_nce``, ``grad_attention_ga``."""

@@ -66,8 +66,10 @@ def translation_rows(generator: Translator, images: Sequence[torch.Tensor], devi
         for image in images:
             h, w = image.shape[-2:]
             out = generator.translate(pad_to_multiple(image[None].to(device)))
-            rows.append([to_uint8(image), to_uint8(out.image[0, :, :h, :w])]
-                        + ([] if out.content is None else [to_uint8(c[:, :h, :w]) for c in out.content[0]]))
+            rows.append(
+                [to_uint8(image), to_uint8(out.image[0, :, :h, :w])]
+                + ([] if out.content is None else [to_uint8(c[:, :h, :w]) for c in out.content[0]])
+            )
             if out.masks is not None:
                 masks = out.masks[0, :, :h, :w]
                 rows.append([to_uint8(masks[-1]), winner_map(masks)] + [to_uint8(m) for m in masks[:-1]])
@@ -90,8 +92,9 @@ def compose_grid(rows: list[list[np.ndarray]]) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def save_translation_grid(generator: Translator, images: Sequence[torch.Tensor], path: str | os.PathLike,
-                          device="cpu") -> None:
+def save_translation_grid(
+    generator: Translator, images: Sequence[torch.Tensor], path: str | os.PathLike, device="cpu"
+) -> None:
     """Write the grid of ``images`` (input | translated | masks) as a PNG, atomically."""
     grid = compose_grid(translation_rows(generator, images, device))
     with atomic_path(path) as tmp:

@@ -98,8 +98,10 @@ def grid_patches(x: torch.Tensor, grid: int) -> torch.Tensor:
     """``[B, C, H, W] -> [B * grid^2, C, H / grid, W / grid]``, patches of one image consecutive, row-major."""
     b, c, h, w = x.shape
     if h % grid or w % grid:
-        raise VspaError(f"local-global loss: a {h}x{w} view does not split into a {grid}x{grid} grid; "
-                        f"use crop sizes that are multiples of {4 * grid}.")
+        raise VspaError(
+            f"local-global loss: a {h}x{w} view does not split into a {grid}x{grid} grid; "
+            f"use crop sizes that are multiples of {4 * grid}."
+        )
     x = x.view(b, c, grid, h // grid, grid, w // grid).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b * grid * grid, c, h // grid, w // grid)
 
@@ -181,9 +183,17 @@ class LocalGlobalLoss(nn.Module):
     statistics and the queues; the online E and G_A stay in the translator and are passed to ``forward`` /
     ``momentum_update``."""
 
-    def __init__(self, generator: Translator, grid: int = 4, hidden: int = 256, dim: int = 128,
-                 queue_size: int = 4096, momentum: float = 0.999, tau: float = 0.2,
-                 weights: Sequence[float] = LAYER_WEIGHTS):
+    def __init__(
+        self,
+        generator: Translator,
+        grid: int = 4,
+        hidden: int = 256,
+        dim: int = 128,
+        queue_size: int = 4096,
+        momentum: float = 0.999,
+        tau: float = 0.2,
+        weights: Sequence[float] = LAYER_WEIGHTS,
+    ):
         super().__init__()
         if not generator.cfg.attention:
             raise VspaError("translate: the local-global loss needs the attention decoder (variant attention_lg).")
@@ -211,8 +221,11 @@ class LocalGlobalLoss(nn.Module):
 
     def _pairs(self, generator: Translator):
         """(online, momentum) module pairs, in a fixed order."""
-        return [(generator.encoder, self.momentum_encoder), (generator.attention, self.momentum_attention),
-                (self.heads, self.momentum_heads)]
+        return [
+            (generator.encoder, self.momentum_encoder),
+            (generator.attention, self.momentum_attention),
+            (self.heads, self.momentum_heads),
+        ]
 
     @torch.no_grad()
     def momentum_update(self, generator: Translator) -> None:
@@ -233,8 +246,9 @@ class LocalGlobalLoss(nn.Module):
 
     def pooled(self, encoder: Encoder, attention: AttentionDecoder, view: torch.Tensor):
         """Pooled features of ``view`` ``[B, 3, H, W]`` and of its grid patches at the 4 layers (unstandardised)."""
-        return branch_features(encoder, attention, view), branch_features(encoder, attention,
-                                                                         grid_patches(view, self.grid))
+        return branch_features(encoder, attention, view), branch_features(
+            encoder, attention, grid_patches(view, self.grid)
+        )
 
     def standardise(self, whole: Sequence[torch.Tensor], parts: Sequence[torch.Tensor]):
         return ([s(f) for s, f in zip(self.whole_stats, whole)], [s(f) for s, f in zip(self.patch_stats, parts)])
@@ -244,8 +258,9 @@ class LocalGlobalLoss(nn.Module):
         the current statistics, which it leaves unchanged: for diagnostics and tests."""
         if momentum:
             with torch.no_grad():
-                return self.momentum_heads(*self.standardise(*self.pooled(self.momentum_encoder,
-                                                                          self.momentum_attention, view)))
+                return self.momentum_heads(
+                    *self.standardise(*self.pooled(self.momentum_encoder, self.momentum_attention, view))
+                )
         return self.heads(*self.standardise(*self.pooled(generator.encoder, generator.attention, view)))
 
     @torch.no_grad()

@@ -81,12 +81,16 @@ def patch_nce_loss(feat_q: torch.Tensor, feat_k: torch.Tensor, batch_size: int, 
 class PatchNCELoss(nn.Module):
     """``L_NCE(src, tgt)``: src = the translator's input, tgt = its output; mean over layers and patches."""
 
-    def __init__(self, encoder: Encoder, layers: Sequence[int], num_patches: int = 256, dim: int = 256, tau: float = 0.07):
+    def __init__(
+        self, encoder: Encoder, layers: Sequence[int], num_patches: int = 256, dim: int = 256, tau: float = 0.07
+    ):
         super().__init__()
         self.layers = list(layers)
         bad = [i for i in self.layers if not 0 <= i < len(encoder.tap_channels)]
         if bad:
-            raise VspaError(f"PatchNCE: layer taps {bad} do not exist; the encoder has taps 0..{len(encoder.tap_channels) - 1}.")
+            raise VspaError(
+                f"PatchNCE: layer taps {bad} do not exist; the encoder has taps 0..{len(encoder.tap_channels) - 1}."
+            )
         self.num_patches = num_patches
         self.tau = tau
         self.sampler = PatchSampler([encoder.tap_channels[i] for i in self.layers], dim)

@@ -124,13 +124,28 @@ class TranslateConfig:
         check_choice(self.variant, tuple(VARIANTS), f"{name}.variant", path)
         check_choice(self.gan_mode, GAN_MODES, f"{name}.gan_mode", path)
         checks = [  # (ok, key, requirement)
-            *[(getattr(self, key) >= 1, key, "a positive integer") for key in (
-                "iterations", "batch_size", "ngf", "n_blocks", "n_content", "ndf", "num_patches", "queue_size",
-                "checkpoint_every")],
-            *[(getattr(self, key) > 0 and math.isfinite(getattr(self, key)), key, "a positive number")
-              for key in ("lr", "nce_tau", "ga_tau")],
-            *[(getattr(self, key) >= 0 and math.isfinite(getattr(self, key)), key, ">= 0")
-              for key in ("lambda_gan", "lambda_nce", "lambda_ga")],
+            *[
+                (getattr(self, key) >= 1, key, "a positive integer")
+                for key in (
+                    "iterations",
+                    "batch_size",
+                    "ngf",
+                    "n_blocks",
+                    "n_content",
+                    "ndf",
+                    "num_patches",
+                    "queue_size",
+                    "checkpoint_every",
+                )
+            ],
+            *[
+                (getattr(self, key) > 0 and math.isfinite(getattr(self, key)), key, "a positive number")
+                for key in ("lr", "nce_tau", "ga_tau")
+            ],
+            *[
+                (getattr(self, key) >= 0 and math.isfinite(getattr(self, key)), key, ">= 0")
+                for key in ("lambda_gan", "lambda_nce", "lambda_ga")
+            ],
             (self.ga_warmup >= 0, "ga_warmup", ">= 0"),
             (0.0 <= self.momentum < 1.0, "momentum", "in [0, 1)"),
             (self.seed >= 0, "seed", ">= 0"),
@@ -145,8 +160,10 @@ class TranslateConfig:
             for key in ("crop_height", "crop_width"):
                 value = getattr(self, key)
                 if value < step or value % step:
-                    raise VspaError(f"{path}: {name}.{key} must be a positive multiple of {step} "
-                                    f"(variant {self.variant}), got {value!r}.")
+                    raise VspaError(
+                        f"{path}: {name}.{key} must be a positive multiple of {step} "
+                        f"(variant {self.variant}), got {value!r}."
+                    )
 
     @property
     def attention(self) -> bool:
@@ -162,7 +179,9 @@ class TranslateConfig:
         return 4 * LG_GRID if self.local_global else 4
 
     def translator_config(self) -> TranslatorConfig:
-        return TranslatorConfig(attention=self.attention, ngf=self.ngf, n_blocks=self.n_blocks, n_content=self.n_content)
+        return TranslatorConfig(
+            attention=self.attention, ngf=self.ngf, n_blocks=self.n_blocks, n_content=self.n_content
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,13 +232,16 @@ class UnpairedImages:
         _, h, w = image.shape
         if self.crop is None:
             if h % self.multiple or w % self.multiple:
-                raise VspaError(f"{path}: a {h}x{w} image is not a multiple of {self.multiple}; set "
-                                f"translate.crop_height / crop_width to train on crops.")
+                raise VspaError(
+                    f"{path}: a {h}x{w} image is not a multiple of {self.multiple}; set "
+                    f"translate.crop_height / crop_width to train on crops."
+                )
             return image
         ch, cw = self.crop
         if h < ch or w < cw:
-            raise VspaError(f"{path}: image {h}x{w} is smaller than the crop {ch}x{cw}; lower "
-                            f"translate.crop_height / crop_width.")
+            raise VspaError(
+                f"{path}: image {h}x{w} is smaller than the crop {ch}x{cw}; lower translate.crop_height / crop_width."
+            )
         top = int(torch.randint(0, h - ch + 1, (), generator=generator))
         left = int(torch.randint(0, w - cw + 1, (), generator=generator))
         return image[:, top : top + ch, left : left + cw]
@@ -235,17 +257,22 @@ class UnpairedImages:
             crop = self._crop(read_image(self.paths[i]), self.paths[i], g)
             crops.append(crop.flip(-1) if torch.rand((), generator=g).item() < 0.5 else crop)
         if len({tuple(c.shape) for c in crops}) > 1:
-            raise VspaError(f"{self.split_dir}: images of different sizes in one batch; set "
-                            f"translate.crop_height / crop_width (or batch_size: 1).")
+            raise VspaError(
+                f"{self.split_dir}: images of different sizes in one batch; set "
+                f"translate.crop_height / crop_width (or batch_size: 1)."
+            )
         return torch.stack(crops)
 
 
-def training_batch(targets: UnpairedImages, sources: UnpairedImages, cfg: TranslateConfig,
-                   iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+def training_batch(
+    targets: UnpairedImages, sources: UnpairedImages, cfg: TranslateConfig, iteration: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The target and source batches of 0-based ``iteration``: a function of ``(cfg.seed, iteration)`` alone,
     the same for every variant."""
-    return (targets.sample(cfg.batch_size, cfg.seed, iteration, _TGT_ORDER, _TGT_CROP),
-            sources.sample(cfg.batch_size, cfg.seed, iteration, _SRC_ORDER, _SRC_CROP))
+    return (
+        targets.sample(cfg.batch_size, cfg.seed, iteration, _TGT_ORDER, _TGT_CROP),
+        sources.sample(cfg.batch_size, cfg.seed, iteration, _SRC_ORDER, _SRC_CROP),
+    )
 
 
 def views_generator(cfg: TranslateConfig, iteration: int) -> torch.Generator:
@@ -283,11 +310,16 @@ class TranslationModels(torch.nn.Module):
         torch.manual_seed(derive_seed(cfg.seed, 1, _INIT))
         self.discriminator = PatchDiscriminator(cfg.ndf)
         torch.manual_seed(derive_seed(cfg.seed, 2, _INIT))
-        self.nce = PatchNCELoss(self.generator.encoder, default_nce_layers(cfg.n_blocks), cfg.num_patches, tau=cfg.nce_tau)
+        self.nce = PatchNCELoss(
+            self.generator.encoder, default_nce_layers(cfg.n_blocks), cfg.num_patches, tau=cfg.nce_tau
+        )
         torch.manual_seed(derive_seed(cfg.seed, 3, _INIT))
         self.local_global = (
-            LocalGlobalLoss(self.generator, grid=LG_GRID, queue_size=cfg.queue_size, momentum=cfg.momentum, tau=cfg.ga_tau)
-            if cfg.local_global else None
+            LocalGlobalLoss(
+                self.generator, grid=LG_GRID, queue_size=cfg.queue_size, momentum=cfg.momentum, tau=cfg.ga_tau
+            )
+            if cfg.local_global
+            else None
         )
 
     def generator_parameters(self) -> list[torch.nn.Parameter]:
@@ -303,9 +335,17 @@ def lr_factor(step: int, iterations: int) -> float:
     return 1.0 - max(0, step - decay_start) / (iterations - decay_start + 1)
 
 
-def train_step(models: TranslationModels, gan: GANLoss, opt_g, opt_d, real_a: torch.Tensor, real_b: torch.Tensor,
-               cfg: TranslateConfig, ga_weight: float | None = None,
-               views_rng: torch.Generator | None = None) -> dict[str, float]:
+def train_step(
+    models: TranslationModels,
+    gan: GANLoss,
+    opt_g,
+    opt_d,
+    real_a: torch.Tensor,
+    real_b: torch.Tensor,
+    cfg: TranslateConfig,
+    ga_weight: float | None = None,
+    views_rng: torch.Generator | None = None,
+) -> dict[str, float]:
     """One D step and one G step; returns the losses of this iteration. ``ga_weight``: L_GA's weight (default
     ``cfg.lambda_ga``); ``views_rng``: the generator of the local-global views (default: the global RNG)."""
     g, d = models.generator, models.discriminator
@@ -325,8 +365,12 @@ def train_step(models: TranslationModels, gan: GANLoss, opt_g, opt_d, real_a: to
     loss_nce = models.nce(g.encoder, real_a, fake_b)
     loss_nce_y = models.nce(g.encoder, real_b, idt_b)
     total = cfg.lambda_gan * loss_gan + cfg.lambda_nce * 0.5 * (loss_nce + loss_nce_y)
-    out = {"loss_D": loss_d.item(), "loss_G_GAN": loss_gan.item(), "loss_NCE": loss_nce.item(),
-           "loss_NCE_Y": loss_nce_y.item()}
+    out = {
+        "loss_D": loss_d.item(),
+        "loss_G_GAN": loss_gan.item(),
+        "loss_NCE": loss_nce.item(),
+        "loss_NCE_Y": loss_nce_y.item(),
+    }
     if models.local_global is not None:
         weight = cfg.lambda_ga if ga_weight is None else ga_weight
         loss_ga, terms = models.local_global(g, real_a, views_rng)
@@ -361,26 +405,49 @@ def write_losses_csv(path: str | os.PathLike, history: list[dict]) -> None:
 
 
 def _save_state(path, models, opt_g, opt_d, sched_g, sched_d, iteration, history, fp, init_diag) -> None:
-    save_state(path, STATE_FORMAT, fp, iteration, {
-        "models": models.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-        "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(), "history": history,
-        "init_diagnostics": init_diag,
-    })
+    save_state(
+        path,
+        STATE_FORMAT,
+        fp,
+        iteration,
+        {
+            "models": models.state_dict(),
+            "opt_g": opt_g.state_dict(),
+            "opt_d": opt_d.state_dict(),
+            "sched_g": sched_g.state_dict(),
+            "sched_d": sched_d.state_dict(),
+            "history": history,
+            "init_diagnostics": init_diag,
+        },
+    )
 
 
 def save_model(path: str | os.PathLike, generator: Translator, cfg: TranslateConfig, iterations: int) -> None:
     """The translator alone (what ``translate_apply`` loads), written atomically."""
-    save_torch_atomic({
-        "format": MODEL_FORMAT, "variant": cfg.variant, "translator": generator.cfg.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
-        "iterations": iterations, "train_config": cfg.to_dict(),
-    }, path)
+    save_torch_atomic(
+        {
+            "format": MODEL_FORMAT,
+            "variant": cfg.variant,
+            "translator": generator.cfg.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
+            "iterations": iterations,
+            "train_config": cfg.to_dict(),
+        },
+        path,
+    )
 
 
-def train_translator(cfg: TranslateConfig, target_dir: str | os.PathLike, source_dir: str | os.PathLike,
-                     model_path: str | os.PathLike, state_path: str | os.PathLike,
-                     losses_csv: str | os.PathLike, grid_png: str | os.PathLike | None = None,
-                     diagnostics_json: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+def train_translator(
+    cfg: TranslateConfig,
+    target_dir: str | os.PathLike,
+    source_dir: str | os.PathLike,
+    model_path: str | os.PathLike,
+    state_path: str | os.PathLike,
+    losses_csv: str | os.PathLike,
+    grid_png: str | os.PathLike | None = None,
+    diagnostics_json: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train G on unpaired target (``target_dir``) and source (``source_dir``) images; write the model,
     the loss CSV and (optionally) the grid PNG and the diagnostics JSON. Resumes from ``state_path`` when it
     matches this run.
@@ -422,27 +489,36 @@ def train_translator(cfg: TranslateConfig, target_dir: str | os.PathLike, source
     if init_diag is None:  # the models as they start (L_GA primed), the first batch
         first_a, first_b = (x.to(device) for x in training_batch(targets, sources, cfg, 0))
         torch.manual_seed(derive_seed(cfg.seed, 0, _SAMPLER))
-        init_diag = {**run_diagnostics(models, diag_images, derive_seed(cfg.seed, _DIAG), device),
-                     **gradient_norms(models, first_a, first_b, cfg.lambda_nce, cfg.lambda_ga,
-                                      views_generator(cfg, 0))}
+        init_diag = {
+            **run_diagnostics(models, diag_images, derive_seed(cfg.seed, _DIAG), device),
+            **gradient_norms(models, first_a, first_b, cfg.lambda_nce, cfg.lambda_ga, views_generator(cfg, 0)),
+        }
 
     models.train()
     resumed_from, step_times = start, []
-    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc=f"translate {cfg.variant}",
-               unit="it", disable=None if progress else True)
+    bar = tqdm(
+        range(start, cfg.iterations),
+        initial=start,
+        total=cfg.iterations,
+        desc=f"translate {cfg.variant}",
+        unit="it",
+        disable=None if progress else True,
+    )
     for it in bar:
         t0 = time.perf_counter()
         real_a, real_b = (x.to(device) for x in training_batch(targets, sources, cfg, it))
         torch.manual_seed(derive_seed(cfg.seed, it, _SAMPLER))  # PatchNCE's locations
-        losses = train_step(models, gan, opt_g, opt_d, real_a, real_b, cfg, ga_weight(cfg, it),
-                            views_generator(cfg, it))
+        losses = train_step(
+            models, gan, opt_g, opt_d, real_a, real_b, cfg, ga_weight(cfg, it), views_generator(cfg, it)
+        )
         lr = opt_g.param_groups[0]["lr"]
         sched_g.step()
         sched_d.step()
         step_times.append(time.perf_counter() - t0)
         if not all(math.isfinite(v) for v in losses.values()):
-            raise VspaError(f"translate {cfg.variant}: non-finite loss at iteration {it + 1} ({losses}); "
-                            f"lower translate.lr.")
+            raise VspaError(
+                f"translate {cfg.variant}: non-finite loss at iteration {it + 1} ({losses}); lower translate.lr."
+            )
         history.append({"iteration": it + 1, "lr": lr, **losses})
         bar.set_postfix({k[5:]: f"{losses[k]:.3f}" for k in PROGRESS_KEYS if k in losses})
         if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
@@ -454,8 +530,11 @@ def train_translator(cfg: TranslateConfig, target_dir: str | os.PathLike, source
     if grid_png is not None:
         save_translation_grid(models.generator, [read_image(p) for p in targets.paths[:4]], grid_png, device)
     diagnostics = {
-        "variant": cfg.variant, "iterations": cfg.iterations, "images": len(diag_images),
-        "init": init_diag, "final": run_diagnostics(models, diag_images, derive_seed(cfg.seed, _DIAG), device),
+        "variant": cfg.variant,
+        "iterations": cfg.iterations,
+        "images": len(diag_images),
+        "init": init_diag,
+        "final": run_diagnostics(models, diag_images, derive_seed(cfg.seed, _DIAG), device),
         "losses": loss_summary(history),
     }
     if diagnostics_json is not None:
@@ -469,14 +548,17 @@ def train_translator(cfg: TranslateConfig, target_dir: str | os.PathLike, source
     }
 
 
-def loss_summary(history: list[dict], keys: tuple[str, ...] = ("loss_D", "loss_G_GAN", "loss_NCE", "loss_NCE_Y",
-                                                                    "loss_GA")) -> dict[str, dict[str, float]]:
+def loss_summary(
+    history: list[dict], keys: tuple[str, ...] = ("loss_D", "loss_G_GAN", "loss_NCE", "loss_NCE_Y", "loss_GA")
+) -> dict[str, dict[str, float]]:
     """Per loss: its mean over the first and over the last 10 % of the iterations (at least one each)."""
     n = max(1, len(history) // 10)
     out = {}
     for key in keys:
         values = [row[key] for row in history if key in row]
         if values:
-            out[key] = {"first_10pct": round(sum(values[:n]) / len(values[:n]), 4),
-                        "last_10pct": round(sum(values[-n:]) / len(values[-n:]), 4)}
+            out[key] = {
+                "first_10pct": round(sum(values[:n]) / len(values[:n]), 4),
+                "last_10pct": round(sum(values[-n:]) / len(values[-n:]), 4),
+            }
     return out

@@ -89,6 +89,7 @@ def _listing(folder: Path, limit: int = 12) -> str:
 
 def _find_nested(root: Path, marker: str, depth: int = 2) -> list[Path]:
     """Sub-folders of ``root`` (up to ``depth`` levels down) that contain ``marker``: likely the intended root."""
+
     def subdirs(folder: Path) -> list[Path]:
         try:
             return [c for c in sorted(folder.iterdir()) if c.is_dir() and not c.name.startswith(".")]
@@ -103,8 +104,9 @@ def _find_nested(root: Path, marker: str, depth: int = 2) -> list[Path]:
     return found[:3]
 
 
-def layout_error(dataset: str, root: Path, problem: str, expected: str, marker: str | None = None,
-                 fix: str = "") -> VspaError:
+def layout_error(
+    dataset: str, root: Path, problem: str, expected: str, marker: str | None = None, fix: str = ""
+) -> VspaError:
     """A VspaError naming what is missing, printing the expected tree, what was found and a likely fix."""
     root = Path(root)
     lines = [f"{dataset} at {root}: {problem}", "Expected layout:"]
@@ -122,8 +124,9 @@ def layout_error(dataset: str, root: Path, problem: str, expected: str, marker: 
     return VspaError("\n".join(lines))
 
 
-def require_dir(folder: Path, dataset: str, root: Path, expected: str, marker: str | None = None,
-                fix: str = "") -> Path:
+def require_dir(
+    folder: Path, dataset: str, root: Path, expected: str, marker: str | None = None, fix: str = ""
+) -> Path:
     if not folder.is_dir():
         rel = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
         what = "the dataset folder does not exist" if folder == root else f"missing folder '{rel}/'"
@@ -131,8 +134,9 @@ def require_dir(folder: Path, dataset: str, root: Path, expected: str, marker: s
     return folder
 
 
-def missing_files_error(dataset: str, root: Path, kind: str, missing: Sequence[str], expected: str,
-                        fix: str = "") -> VspaError:
+def missing_files_error(
+    dataset: str, root: Path, kind: str, missing: Sequence[str], expected: str, fix: str = ""
+) -> VspaError:
     shown = ", ".join(missing[:5]) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
     return layout_error(dataset, root, f"missing {kind}: {shown}", expected, fix=fix)
 
@@ -143,11 +147,14 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (OSError, SyntaxError) as exc:
-        raise VspaError(f"{path}: cannot read the image ({exc}). Re-download the file, or remove it from the split.") from exc
+        raise VspaError(
+            f"{path}: cannot read the image ({exc}). Re-download the file, or remove it from the split."
+        ) from exc
 
 
-def clip_box(x0: float, y0: float, x1: float, y1: float, width: int, height: int,
-             stats: Counter) -> tuple[float, float, float, float] | None:
+def clip_box(
+    x0: float, y0: float, x1: float, y1: float, width: int, height: int, stats: Counter
+) -> tuple[float, float, float, float] | None:
     """Corners in continuous pixels -> clipped COCO ``(x, y, w, h)``; None (counted) when no area is left."""
     cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
     if cx1 <= cx0 or cy1 <= cy0:
@@ -165,8 +172,7 @@ def check_classes(classes: Iterable[str], known: Sequence[str], dataset: str, op
     unknown = [c for c in classes if c not in known]
     if unknown:
         raise VspaError(
-            f"{dataset}: unknown class name(s) {', '.join(unknown)} in {option}. "
-            f"{dataset} has: {', '.join(known)}."
+            f"{dataset}: unknown class name(s) {', '.join(unknown)} in {option}. {dataset} has: {', '.join(known)}."
         )
     return classes
 
@@ -183,9 +189,17 @@ def _copy_image(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def write_split(images: list[ImageRecord], classes: Sequence[str], out_dir: str | os.PathLike, info: dict, *,
-                copy_images: bool = False, drop_empty: bool = False, stats: Counter | None = None,
-                object_id_offset: int = 0) -> dict:
+def write_split(
+    images: list[ImageRecord],
+    classes: Sequence[str],
+    out_dir: str | os.PathLike,
+    info: dict,
+    *,
+    copy_images: bool = False,
+    drop_empty: bool = False,
+    stats: Counter | None = None,
+    object_id_offset: int = 0,
+) -> dict:
     """Write ``<out_dir>/annotations.json`` for ``images``; return a summary.
 
     ``drop_empty`` drops images without a non-crowd object (detectron2's default for training sets). Category
@@ -230,10 +244,17 @@ def write_split(images: list[ImageRecord], classes: Sequence[str], out_dir: str 
         for obj in rec.objects:
             ann_id = len(coco_anns)
             x, y, w, h = (float(v) for v in obj.bbox)
-            coco_anns.append({
-                "id": ann_id, "image_id": image_id, "category_id": cat_ids[obj.category], "bbox": [x, y, w, h],
-                "area": w * h, "iscrowd": int(obj.iscrowd), "object_id": object_id_offset + ann_id,
-            })
+            coco_anns.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": cat_ids[obj.category],
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": int(obj.iscrowd),
+                    "object_id": object_id_offset + ann_id,
+                }
+            )
             if obj.iscrowd:
                 ignored += 1
             else:
@@ -255,8 +276,7 @@ def write_split(images: list[ImageRecord], classes: Sequence[str], out_dir: str 
     }
 
 
-def import_split(read, root, split, out_dir, copy_images: bool = False, drop_empty: bool = False,
-                 **options) -> dict:
+def import_split(read, root, split, out_dir, copy_images: bool = False, drop_empty: bool = False, **options) -> dict:
     """Read one dataset split with ``read`` and write it to ``out_dir`` (what every ``import_<name>`` does)."""
     allowed = [name for name in inspect.signature(read).parameters if name not in ("root", "split")]
     unknown = sorted(set(options) - set(allowed))
@@ -266,10 +286,10 @@ def import_split(read, root, split, out_dir, copy_images: bool = False, drop_emp
             f"Known: {', '.join(['copy_images', 'drop_empty', *allowed])}."
         )
     part = read(root, split, **options)
-    info = {"dataset": part.dataset, "dataset_split": part.split, "dataset_dir": str(part.root),
-            "generator": GENERATOR}
-    return write_split(part.images, part.classes, out_dir, info, copy_images=copy_images, drop_empty=drop_empty,
-                       stats=part.stats)
+    info = {"dataset": part.dataset, "dataset_split": part.split, "dataset_dir": str(part.root), "generator": GENERATOR}
+    return write_split(
+        part.images, part.classes, out_dir, info, copy_images=copy_images, drop_empty=drop_empty, stats=part.stats
+    )
 
 
 # --------------------------------------------------------------------------- importers (import the helpers above)
@@ -294,10 +314,29 @@ from vspa.data.importers.voc import (  # noqa: E402
 )
 
 __all__ = [
-    "CITYSCAPES_CLASSES", "COMIC2K_CLASSES", "IMPORTERS", "READERS", "VOC_CLASSES", "ImageRecord", "ImportedSplit",
-    "ObjectRecord", "import_cityscapes", "import_comic2k", "import_foggy_cityscapes", "import_kitti", "import_sim10k",
-    "import_voc", "prepare_scenario", "read_cityscapes", "read_comic2k", "read_foggy_cityscapes", "read_kitti",
-    "read_sim10k", "read_voc", "require_pretrained", "write_split",
+    "CITYSCAPES_CLASSES",
+    "COMIC2K_CLASSES",
+    "IMPORTERS",
+    "READERS",
+    "VOC_CLASSES",
+    "ImageRecord",
+    "ImportedSplit",
+    "ObjectRecord",
+    "import_cityscapes",
+    "import_comic2k",
+    "import_foggy_cityscapes",
+    "import_kitti",
+    "import_sim10k",
+    "import_voc",
+    "prepare_scenario",
+    "read_cityscapes",
+    "read_comic2k",
+    "read_foggy_cityscapes",
+    "read_kitti",
+    "read_sim10k",
+    "read_voc",
+    "require_pretrained",
+    "write_split",
 ]
 
 IMPORTERS = {
@@ -369,8 +408,15 @@ def _parse_spec(name: str, spec, data_root: Path) -> _SplitSpec:
     for key, value in options.items():
         if key.endswith("_root") and value is not None:
             options[key] = data_root / Path(value).expanduser()
-    return _SplitSpec(importer, [data_root / Path(d).expanduser() for d in dirs], spec["split"], sample, exclude,
-                      bool(spec.get("drop_empty", False)), options)
+    return _SplitSpec(
+        importer,
+        [data_root / Path(d).expanduser() for d in dirs],
+        spec["split"],
+        sample,
+        exclude,
+        bool(spec.get("drop_empty", False)),
+        options,
+    )
 
 
 def _sample(images: list[ImageRecord], n: int, seed: int, where: str) -> list[ImageRecord]:
@@ -380,8 +426,9 @@ def _sample(images: list[ImageRecord], n: int, seed: int, where: str) -> list[Im
     return [images[i] for i in keep]
 
 
-def prepare_scenario(prepare_cfg: dict, data_root: str | os.PathLike, out_dir: str | os.PathLike,
-                     scenario: str | None = None) -> dict[str, dict]:
+def prepare_scenario(
+    prepare_cfg: dict, data_root: str | os.PathLike, out_dir: str | os.PathLike, scenario: str | None = None
+) -> dict[str, dict]:
     """Build ``<out_dir>/{source_train,source_test,target_train,target_test}/annotations.json``.
 
     ``prepare_cfg`` is the effective ``prepare`` section. Keys read: ``classes`` (the label space, in
@@ -443,14 +490,27 @@ def prepare_scenario(prepare_cfg: dict, data_root: str | os.PathLike, out_dir: s
     for code, (name, spec) in enumerate(specs.items()):
         domain, part = name.split("_")
         info = {
-            "scenario": scenario, "domain": domain, "split": part, "seed": seed, "generator": GENERATOR,
-            "dataset": spec.importer, "dataset_split": spec.split, "dataset_dirs": [str(d) for d in spec.dirs],
-            "sample": spec.sample, "exclude": spec.exclude,
+            "scenario": scenario,
+            "domain": domain,
+            "split": part,
+            "seed": seed,
+            "generator": GENERATOR,
+            "dataset": spec.importer,
+            "dataset_split": spec.split,
+            "dataset_dirs": [str(d) for d in spec.dirs],
+            "sample": spec.sample,
+            "exclude": spec.exclude,
         }
-        summaries[name] = write_split(records[name], classes, Path(out_dir) / name, info,
-                                      copy_images=bool(prepare_cfg.get("copy_images", False)),
-                                      drop_empty=spec.drop_empty, stats=stats[name],
-                                      object_id_offset=code * OBJECT_ID_SPLIT_STRIDE)
+        summaries[name] = write_split(
+            records[name],
+            classes,
+            Path(out_dir) / name,
+            info,
+            copy_images=bool(prepare_cfg.get("copy_images", False)),
+            drop_empty=spec.drop_empty,
+            stats=stats[name],
+            object_id_offset=code * OBJECT_ID_SPLIT_STRIDE,
+        )
     return summaries
 
 
@@ -490,8 +550,8 @@ def require_pretrained(model_cfg: dict, scenario: str, path: str = "params.yaml"
     raise VspaError(
         f"{path}: scenario {scenario} starts the {backbone} backbone from ImageNet weights (as the paper does), but "
         f"{problem}. The pipeline never downloads weights. On a machine with network access run\n"
-        f"  python -c \"import torch, torchvision; m = torchvision.models.{fn}(weights=torchvision.models.{enum}); "
+        f'  python -c "import torch, torchvision; m = torchvision.models.{fn}(weights=torchvision.models.{enum}); '
         f"torch.save(m.state_dict(), '{name}')\"\n"
-        f"copy {name} here and rerun with -S model.pretrained_weights=/path/to/{name} (README: \"Real datasets\", "
-        f"\"1. ImageNet weights\"). To train from random weights on purpose, set -S model.from_scratch=true."
+        f'copy {name} here and rerun with -S model.pretrained_weights=/path/to/{name} (README: "Real datasets", '
+        f'"1. ImageNet weights"). To train from random weights on purpose, set -S model.from_scratch=true.'
     )

@@ -39,7 +39,14 @@ from vspa.utils import VspaError
 
 # Cityscapes label ids of the 8 detection classes (cityscapesscripts/helpers/labels.py).
 CITYSCAPES_LABEL_IDS = {
-    "person": 24, "rider": 25, "car": 26, "truck": 27, "bus": 28, "train": 31, "motorcycle": 32, "bicycle": 33,
+    "person": 24,
+    "rider": 25,
+    "car": 26,
+    "truck": 27,
+    "bus": 28,
+    "train": 31,
+    "motorcycle": 32,
+    "bicycle": 33,
 }
 CITYSCAPES_CLASSES = tuple(CITYSCAPES_LABEL_IDS)
 FOGGY_BETAS = ("0.005", "0.01", "0.02")  # the three fog densities released with Foggy Cityscapes
@@ -98,8 +105,9 @@ def _read_instance_map(path: Path) -> np.ndarray:
     return ids
 
 
-def _read(dataset: str, root, split: str, classes: Sequence[str], image_dir: str, suffixes: dict[str, str],
-          gt_root) -> ImportedSplit:
+def _read(
+    dataset: str, root, split: str, classes: Sequence[str], image_dir: str, suffixes: dict[str, str], gt_root
+) -> ImportedSplit:
     """Read one split; ``suffixes`` maps a variant key (fog beta, or '' for clear) to the image file suffix."""
     root = Path(root).expanduser().absolute()
     gt_root = Path(gt_root).expanduser().absolute() if gt_root is not None else root
@@ -132,15 +140,24 @@ def _read(dataset: str, root, split: str, classes: Sequence[str], image_dir: str
     if absent:
         levels = [k for k in suffixes if found[k]]
         if levels:  # some fog levels are there, others not
-            fix = (f"Only beta {', '.join(levels)} is there: set beta to it, or extract the full "
-                   f"leftImg8bit_trainvaltest_foggy.zip (all three levels).")
-        raise layout_error(dataset, root, f"no image named *{', *'.join(absent)} in '{image_dir}/{split}/<city>/'",
-                           expected, fix=fix)
+            fix = (
+                f"Only beta {', '.join(levels)} is there: set beta to it, or extract the full "
+                f"leftImg8bit_trainvaltest_foggy.zip (all three levels)."
+            )
+        raise layout_error(
+            dataset, root, f"no image named *{', *'.join(absent)} in '{image_dir}/{split}/<city>/'", expected, fix=fix
+        )
     gt_files = {key: gt_split / key[0] / f"{key[1]}_gtFine_instanceIds.png" for key in groups}
     missing = [p.relative_to(gt_root).as_posix() for p in gt_files.values() if not p.is_file()]
     if missing:
-        raise missing_files_error(dataset, gt_root, "instance-id map(s)", missing, expected,
-                                  "gtFine_trainvaltest.zip has them; extract it beside " + image_dir + "/.")
+        raise missing_files_error(
+            dataset,
+            gt_root,
+            "instance-id map(s)",
+            missing,
+            expected,
+            "gtFine_trainvaltest.zip has them; extract it beside " + image_dir + "/.",
+        )
 
     label_classes = {CITYSCAPES_LABEL_IDS[name]: name for name in classes}
     stats: Counter = Counter()
@@ -193,8 +210,9 @@ def read_cityscapes(root, split: str, classes: Sequence[str] = CITYSCAPES_CLASSE
     return _read("cityscapes", root, split, classes, "leftImg8bit", {"": "_leftImg8bit.png"}, gt_root)
 
 
-def read_foggy_cityscapes(root, split: str, classes: Sequence[str] = CITYSCAPES_CLASSES, beta=0.02,
-                          gt_root=None) -> ImportedSplit:
+def read_foggy_cityscapes(
+    root, split: str, classes: Sequence[str] = CITYSCAPES_CLASSES, beta=0.02, gt_root=None
+) -> ImportedSplit:
     """Foggy Cityscapes images of ``split`` at fog level(s) ``beta`` (0.02 default, or a list, or all).
 
     With several levels every scene appears once per level, with the same boxes.

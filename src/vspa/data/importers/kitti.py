@@ -62,8 +62,9 @@ def _check_class_map(class_map: dict, classes: Sequence[str]) -> dict[str, str]:
     return dict(class_map)
 
 
-def _parse_labels(path: Path, width: int, height: int, class_map: dict[str, str], classes: Sequence[str],
-                  stats: Counter) -> list[ObjectRecord]:
+def _parse_labels(
+    path: Path, width: int, height: int, class_map: dict[str, str], classes: Sequence[str], stats: Counter
+) -> list[ObjectRecord]:
     objects = []
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         fields = line.split()
@@ -85,7 +86,9 @@ def _parse_labels(path: Path, width: int, height: int, class_map: dict[str, str]
         try:
             left, top, right, bottom = (float(v) for v in fields[4:8])
         except ValueError as exc:
-            raise VspaError(f"{path}: line {line_no}: the box fields 5-8 are not numbers ({exc}). Fix the line.") from exc
+            raise VspaError(
+                f"{path}: line {line_no}: the box fields 5-8 are not numbers ({exc}). Fix the line."
+            ) from exc
         bbox = clip_box(left, top, right, bottom, width, height, stats)
         if bbox is not None:
             objects.append(ObjectRecord(name, bbox))

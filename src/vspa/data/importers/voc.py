@@ -33,8 +33,26 @@ from vspa.data.importers import (
 from vspa.utils import VspaError
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 COMIC2K_CLASSES = ("bicycle", "bird", "car", "cat", "dog", "person")
 SIM10K_CLASSES = ("car", "motorbike", "person")
@@ -61,8 +79,13 @@ def _image_ids(root: Path, split: str, dataset: str, expected: str, fix: str) ->
         lists = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
         found = f" (split lists found: {', '.join(lists)})" if lists else ""
         raise layout_error(
-            dataset, root, f"missing split list 'ImageSets/Main/{split}.txt'{found}", expected, marker="Annotations",
-            fix=(fix + " " if fix else "") + "Use one of the listed splits, or split: all for every file in Annotations/.",
+            dataset,
+            root,
+            f"missing split list 'ImageSets/Main/{split}.txt'{found}",
+            expected,
+            marker="Annotations",
+            fix=(fix + " " if fix else "")
+            + "Use one of the listed splits, or split: all for every file in Annotations/.",
         )
     ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
     if not ids:
@@ -70,8 +93,9 @@ def _image_ids(root: Path, split: str, dataset: str, expected: str, fix: str) ->
     return ids
 
 
-def _parse_xml(xml_path: Path, image_path: Path, width: int, height: int, classes: Sequence[str],
-               stats: Counter) -> list[ObjectRecord]:
+def _parse_xml(
+    xml_path: Path, image_path: Path, width: int, height: int, classes: Sequence[str], stats: Counter
+) -> list[ObjectRecord]:
     try:
         tree = ET.parse(xml_path)
     except ET.ParseError as exc:
@@ -108,8 +132,9 @@ def _parse_xml(xml_path: Path, image_path: Path, width: int, height: int, classe
     return objects
 
 
-def _read_voc_layout(dataset: str, root, split: str, classes: Sequence[str], known: Sequence[str],
-                     fix: str) -> ImportedSplit:
+def _read_voc_layout(
+    dataset: str, root, split: str, classes: Sequence[str], known: Sequence[str], fix: str
+) -> ImportedSplit:
     root = Path(root).expanduser().absolute()
     classes = check_classes([str(c).lower() for c in classes], known, dataset)
     expected = LAYOUT.format(name=root.name or root, split=split if split != "all" else "<split>")
@@ -138,23 +163,40 @@ def _read_voc_layout(dataset: str, root, split: str, classes: Sequence[str], kno
 
 def read_voc(root, split: str, classes: Sequence[str] = VOC_CLASSES) -> ImportedSplit:
     """Pascal VOC 2007 or 2012: ``root`` is ``VOCdevkit/VOC2007`` (or ``VOC2012``), ``split`` e.g. trainval, test."""
-    return _read_voc_layout("voc", root, split, classes, VOC_CLASSES,
-                            "Fix: point dir at VOCdevkit/VOC2007 or VOCdevkit/VOC2012 (the folder that holds "
-                            "Annotations/).")
+    return _read_voc_layout(
+        "voc",
+        root,
+        split,
+        classes,
+        VOC_CLASSES,
+        "Fix: point dir at VOCdevkit/VOC2007 or VOCdevkit/VOC2012 (the folder that holds Annotations/).",
+    )
 
 
 def read_comic2k(root, split: str, classes: Sequence[str] = COMIC2K_CLASSES) -> ImportedSplit:
     """Comic2k (Inoue et al. 2018): ``root`` is the extracted ``comic`` folder, ``split`` train or test."""
-    return _read_voc_layout("comic2k", root, split, classes, COMIC2K_CLASSES,
-                            "Fix: point dir at the extracted comic/ folder of the cross-domain-detection "
-                            "datasets (it holds Annotations/, ImageSets/, JPEGImages/).")
+    return _read_voc_layout(
+        "comic2k",
+        root,
+        split,
+        classes,
+        COMIC2K_CLASSES,
+        "Fix: point dir at the extracted comic/ folder of the cross-domain-detection "
+        "datasets (it holds Annotations/, ImageSets/, JPEGImages/).",
+    )
 
 
 def read_sim10k(root, split: str, classes: Sequence[str] = ("car",)) -> ImportedSplit:
     """Sim10k: ``root`` holds Annotations/ and JPEGImages/ (the 10k archives extract them under VOC2012/)."""
-    return _read_voc_layout("sim10k", root, split, classes, SIM10K_CLASSES,
-                            "Fix: point dir at the Sim10k folder that holds Annotations/ and JPEGImages/ "
-                            "(the archives extract them under VOC2012/).")
+    return _read_voc_layout(
+        "sim10k",
+        root,
+        split,
+        classes,
+        SIM10K_CLASSES,
+        "Fix: point dir at the Sim10k folder that holds Annotations/ and JPEGImages/ "
+        "(the archives extract them under VOC2012/).",
+    )
 
 
 def import_voc(root, split: str, out_dir, **options) -> dict:
