@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -24,17 +23,14 @@ from vspa.data.augsim import (
     transform_attributes,
     transform_objects,
 )
+from vspa.data import augsim_sets as augsim_build
 from vspa.data.coco import write_coco
+from vspa.reporting import augsim as augsim_report
 from vspa.utils import VspaError
 
+from loaders import stage_main
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _background(height: int, width: int) -> np.ndarray:
@@ -368,8 +364,9 @@ def test_augsim_stage_writes_every_set(tiny_benchmark, tmp_path):
             }
         )
     )
-    stage = _stage("augsim")
-    summary = stage.build(stage.read_config(str(params)), Path(tiny_benchmark), tmp_path / "aug", tmp_path / "fog")
+    summary = augsim_build.build(
+        augsim_build.read_config(str(params)), Path(tiny_benchmark), tmp_path / "aug", tmp_path / "fog"
+    )
     n_train = len(json.loads((Path(tiny_benchmark) / "source_train/annotations.json").read_text())["images"])
     assert sum(summary["augsim"]["source_train"].values()) == n_train
     assert summary["augsim"]["source_train"]["none"] == n_train - augmented_count(n_train, 0.5)
@@ -380,7 +377,9 @@ def test_augsim_stage_writes_every_set(tiny_benchmark, tmp_path):
     fog_info = json.loads((tmp_path / "fog/target_train/annotations.json").read_text())["info"]["fog"]
     assert fog_info["beta"] == 0.05 and fog_info["source"] == str(tmp_path / "aug/source_train")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
-    stage.examples_figure(Path(tiny_benchmark) / "source_train", tmp_path / "aug/pairing", tmp_path / "ex.png", count=2)
+    augsim_build.examples_figure(
+        Path(tiny_benchmark) / "source_train", tmp_path / "aug/pairing", tmp_path / "ex.png", count=2
+    )
     with Image.open(tmp_path / "ex.png") as im:
         width, height = im.size
     first = _read(Path(tiny_benchmark) / "source_train/images/000000.png")
@@ -392,7 +391,7 @@ def test_augsim_stage_reports_missing_params(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"scenario": "synth_fog", "augsim": {"fraction": 0.25}}))
     with pytest.raises(VspaError, match="lacks seed, fog_beta"):
-        _stage("augsim").read_config(str(params))
+        augsim_build.read_config(str(params))
 
 
 def test_augsim_report_table_and_plot(tmp_path):
@@ -401,16 +400,15 @@ def test_augsim_report_table_and_plot(tmp_path):
     for name, value in (("exact_s0", 80.0), ("exact_s1", 82.0), ("color_flip_s0", 77.5), ("color_s0", 79.0)):
         (metrics / f"augsim_{name}.json").write_text(json.dumps({"mAP": value, "AP": {"car": value}}))
     (metrics / "source_on_target.json").write_text(json.dumps({"mAP": 1.0}))
-    report = _stage("augsim_report")
-    rows = {r["mode"]: r for r in report.summarize(report.collect(metrics))}
+    rows = {r["mode"]: r for r in augsim_report.summarize(augsim_report.collect(metrics))}
     assert rows["exact"]["mean"] == 81.0 and rows["exact"]["std"] == pytest.approx(math.sqrt(2.0))
     assert rows["exact"]["n"] == 2 and rows["color_flip"]["std"] == 0.0 and rows["flip"]["n"] == 0
-    text = report.markdown(list(rows.values()), baseline=60.25)
+    text = augsim_report.markdown(list(rows.values()), baseline=60.25)
     assert "| exact | Domain only (fog) | 81.0 | 1.4 | 2 | 80.9 |" in text
     assert "| source only | no adaptation | 60.2 |" in text
     assert "exact - color_flip = +3.5 points (paper: +4.2)" in text and "Missing (no metrics file): flip" in text
     (metrics / "augsim_source_only.json").write_text(json.dumps({"mAP": 60.25}))
-    report.main(metrics_dir=metrics, out_dir=tmp_path / "out", baseline="augsim_source_only")
+    stage_main("augsim_report")(metrics_dir=metrics, out_dir=tmp_path / "out", baseline="augsim_source_only")
     results = json.loads((tmp_path / "out/results.json").read_text())
     assert results["exact"] == {"mean": 81.0, "std": pytest.approx(math.sqrt(2.0)), "n": 2, "seeds": [0, 1]}
     assert results["source_only"] == 60.25 and results["flip"]["n"] == 0
@@ -419,4 +417,4 @@ def test_augsim_report_table_and_plot(tmp_path):
         assert im.format == "PNG" and im.size[0] > 300
     (metrics / "augsim_flip_s0.json").write_text(json.dumps({"mAP": "n/a"}))
     with pytest.raises(VspaError, match="augsim_flip_s0.json: 'mAP' is 'n/a'"):
-        report.collect(metrics)
+        augsim_report.collect(metrics)

@@ -10,6 +10,8 @@ import pytest
 
 from vspa.reporting import seeds
 
+from loaders import ROOT, load_script
+
 
 @pytest.mark.parametrize(("df", "expected"), [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)])
 def test_t_quantile_matches_the_table(df, expected):
@@ -79,14 +81,7 @@ def test_plot_differences_writes_a_png(tmp_path):
 def test_every_chain_step_reads_the_bench_data_folder(tmp_path, monkeypatch):
     """A chain with --data elsewhere must train and evaluate on that folder: no step may fall back to a stage
     script's default data/benchmark path (the diversity study's first run did, training on the standard data)."""
-    import importlib.util
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("bench_rows", root / "benchmarks" / "bench_rows.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_rows"] = bench
-    spec.loader.exec_module(bench)
+    bench, root = _bench_module()
     data = tmp_path / "other_data"
     monkeypatch.setattr(bench, "DATA", data)
     calls = []
@@ -120,15 +115,7 @@ def test_every_chain_step_reads_the_bench_data_folder(tmp_path, monkeypatch):
 
 
 def _bench_module():
-    import importlib.util
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("bench_rows", root / "benchmarks" / "bench_rows.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_rows"] = bench
-    spec.loader.exec_module(bench)
-    return bench, root
+    return load_script("benchmarks/bench_rows.py"), ROOT
 
 
 def test_a_finished_seed_keeps_its_other_rows_and_its_params_check(tmp_path):

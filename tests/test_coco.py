@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import yaml
 from PIL import Image
 
 from vspa.data import SPLITS
+from vspa.data.prepare import prepare
 from vspa.data.coco import DetectionDataset, atomic_dir, collate_fn, dataset_sha256, load_coco, write_coco
 from vspa.utils import VspaError
 
@@ -220,13 +220,6 @@ def test_atomic_dir_replaces_on_success_and_keeps_the_old_folder_on_failure(tmp_
 # --------------------------------------------------------------------------- the prepare stage, source: coco
 
 
-def _stage():
-    spec = importlib.util.spec_from_file_location("prepare_stage", ROOT / "stages" / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _coco_params(tmp_path: Path, splits: dict[str, Path]) -> str:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prepare"]["source"] = "coco"
@@ -239,7 +232,7 @@ def _coco_params(tmp_path: Path, splits: dict[str, Path]) -> str:
 def test_prepare_imports_coco_splits_without_copying_images(tmp_path):
     json_path = _write(tmp_path / "external", _valid())
     out, summary_path = tmp_path / "data" / "benchmark", tmp_path / "summary.json"
-    summary = _stage().prepare(_coco_params(tmp_path, {s: json_path for s in SPLITS}), out, summary_path, 1, False)
+    summary = prepare(_coco_params(tmp_path, {s: json_path for s in SPLITS}), out, summary_path, 1, False)
     assert summary["splits"]["source_train"] == {
         "images": 2,
         "objects": 3,
@@ -268,7 +261,7 @@ def test_prepare_validates_every_split_before_writing(tmp_path):
     (out / "keep.txt").write_text("previous dataset")
     params = _coco_params(tmp_path, {**{s: good for s in SPLITS}, "target_test": bad})
     with pytest.raises(VspaError, match="annotation id=12"):
-        _stage().prepare(params, out, tmp_path / "summary.json", 1, False)
+        prepare(params, out, tmp_path / "summary.json", 1, False)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert [p.name for p in out.parent.iterdir()] == ["benchmark"]
     assert not (tmp_path / "summary.json").exists()
@@ -278,7 +271,7 @@ def test_prepare_validates_every_split_before_writing(tmp_path):
     params["prepare"]["coco"]["source_test"]["json"] = None
     Path(missing).write_text(yaml.safe_dump(params))
     with pytest.raises(VspaError, match=r"prepare\.coco\.source_test"):
-        _stage().prepare(missing, out, tmp_path / "summary.json", 1, False)
+        prepare(missing, out, tmp_path / "summary.json", 1, False)
 
 
 def test_image_cache_returns_the_same_images_and_keeps_to_its_budget(tiny_benchmark):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ from vspa.detection.train import TrainConfig
 from vspa.evaluation.config import EvalConfig
 from vspa.memory.config import ExtractConfig
 from vspa.utils import VspaError
+
+from loaders import stage_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -228,13 +229,6 @@ def test_subsample_config_checks():
 
 
 # --------------------------------------------------------------------------- the stages
-
-
-def stage_main(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}_sections", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def test_evaluate_stage_rejects_a_typo_naming_the_key_and_the_params_file(tmp_path, monkeypatch, capsys):

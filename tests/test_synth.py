@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import resource
@@ -14,6 +13,7 @@ import yaml
 from PIL import Image
 
 from vspa.data import SPLITS
+from vspa.data.prepare import prepare
 from vspa.data.synth import (
     FOCAL_PER_WIDTH,
     MAX_OCCLUSION,
@@ -258,13 +258,6 @@ def test_bad_arguments_name_the_param(tmp_path):
 # --------------------------------------------------------------------------- the prepare stage
 
 
-def _stage():
-    spec = importlib.util.spec_from_file_location("prepare_stage", ROOT / "stages" / "prepare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _params(tmp_path: Path, **prepare) -> str:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["prepare"].update(
@@ -285,16 +278,15 @@ def _params(tmp_path: Path, **prepare) -> str:
 
 
 def test_prepare_stage_generates_and_a_failed_run_keeps_the_old_dataset(tmp_path):
-    stage = _stage()
     out, summary_path = tmp_path / "data" / "benchmark", tmp_path / "reports" / "summary.json"
-    summary = stage.prepare(_params(tmp_path), out, summary_path, workers=1, progress=False)
+    summary = prepare(_params(tmp_path), out, summary_path, workers=1, progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted((*SPLITS, "target_val"))
     assert json.loads(summary_path.read_text()) == summary
     assert summary["source"] == "synth" and summary["splits"]["target_train"]["images"] == 2
     before = _files(out)
 
     with pytest.raises(VspaError, match="fog_beta"):
-        stage.prepare(_params(tmp_path, fog_beta=7), out, summary_path, workers=1, progress=False)
+        prepare(_params(tmp_path, fog_beta=7), out, summary_path, workers=1, progress=False)
     assert _files(out) == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["benchmark"]  # no temporary folder left behind
 
