@@ -15,7 +15,7 @@ import typer
 
 from vspa.config import stage_config
 from vspa.translation.apply import translate_split
-from vspa.translation.trainer import DEFAULT_VARIANT
+from vspa.translation.config import DEFAULT_VARIANT
 from vspa.utils import VspaError, get_device, run_stage
 
 

@@ -1,6 +1,6 @@
 """Stage translate_train: train the target -> source translator of one variant (cut | attention | attention_lg).
 
-Reads params section ``translate`` (see ``vspa.translation.trainer.TranslateConfig``); ``--variant``
+Reads params section ``translate`` (see ``vspa.translation.config.TranslateConfig``); ``--variant``
 overrides ``translate.variant`` and ``--seed`` ``translate.seed`` (dvc.yaml runs a matrix of the three variants
 and seeds 0-2, each seed in its own folders; the variants of one seed see identical inputs). Writes
 ``<out-dir>/<variant>/model.pt`` (the translator), ``<out-dir>/<variant>/train_state.pt`` (the resumable
@@ -20,7 +20,8 @@ from typing import Optional
 import typer
 
 from vspa.config import stage_config
-from vspa.translation.trainer import TranslateConfig, train_translator
+from vspa.translation.config import TranslateConfig
+from vspa.translation.trainer import train_translator
 from vspa.utils import run_stage
 
 

@@ -14,7 +14,9 @@ import yaml
 from vspa.translation.diagnostics import attention_stats, box_mask, gradient_norms, lg_separation
 from vspa.translation.generator import Translator, TranslatorConfig, init_mask_head
 from vspa.translation.local_global import LocalGlobalLoss, RunningStandardize
-from vspa.translation.trainer import TranslateConfig, TranslationModels, ga_weight, image_paths, read_image
+from vspa.translation.config import TranslateConfig
+from vspa.translation.data import image_paths, read_image
+from vspa.translation.trainer import TranslationModels, ga_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,7 +146,8 @@ def test_local_global_loss_learns_on_a_tiny_fixed_batch(crops):
 def test_local_global_gradient_does_not_swamp_patchnce_at_init(tiny_benchmark):
     """The params' sizes (ngf, n_blocks, crops), L_GA primed on 32 target crops: at its full weight lambda_ga,
     L_GA's gradient on the encoder stays below PatchNCE's; the warm-up starts it at 0."""
-    from vspa.translation.trainer import UnpairedImages, prime_local_global, training_batch, views_generator
+    from vspa.translation.data import UnpairedImages, training_batch, views_generator
+    from vspa.translation.trainer import prime_local_global
 
     cfg = TranslateConfig.from_params(params_section(variant="attention_lg", queue_size=32, device="cpu"))
     crop = (cfg.crop_height, cfg.crop_width)

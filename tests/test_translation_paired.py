@@ -11,14 +11,10 @@ import torch
 import yaml
 
 from vspa.translation import trainer
-from vspa.translation.trainer import (
-    VARIANTS,
-    TranslateConfig,
-    TranslationModels,
-    UnpairedImages,
-    training_batch,
-    views_generator,
-)
+from vspa.translation import data as translation_data
+from vspa.translation.config import VARIANTS, TranslateConfig
+from vspa.translation.data import UnpairedImages, training_batch, views_generator
+from vspa.translation.trainer import TranslationModels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +67,7 @@ def test_training_batch_is_a_function_of_seed_and_iteration(splits):
     other = training_batch(targets, sources, tiny_cfg("cut", seed=1), 0)
     assert not torch.equal(other[0], reference[0][0])  # and with the seed
     # every image once per epoch (6 target images, batch 1)
-    assert sorted(i for k in range(6) for i in targets.indices(1, 0, k, trainer._TGT_ORDER)) == list(range(6))
+    assert sorted(i for k in range(6) for i in targets.indices(1, 0, k, translation_data._TGT_ORDER)) == list(range(6))
     # the local-global views: one generator per iteration, the same for every variant
     assert torch.equal(
         torch.rand(3, generator=views_generator(cfgs["attention"], 2)),

@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from vspa.translation.data import read_image
 from vspa.translation.generator import Translator, TranslatorConfig
 from vspa.translation.grid import pad_to_multiple, to_uint8
-from vspa.translation.trainer import MODEL_FORMAT, read_image
+from vspa.translation.trainer import MODEL_FORMAT
 from vspa.utils import VspaError, sha256_file
 
 

@@ -61,7 +61,7 @@ class DiagnosticImages:
         self, split_dir: str | os.PathLike, crop: tuple[int, int] | None, multiple: int, count: int = DIAG_IMAGES
     ):
         from vspa.data.coco import load_coco
-        from vspa.translation.trainer import read_image
+        from vspa.translation.data import read_image
 
         data = load_coco(Path(split_dir) / "annotations.json")
         self.crop, self.multiple = crop, multiple

@@ -38,21 +38,29 @@ import io
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from vspa.config import check_choice, check_device, check_number, parse_section
-from vspa.training.seeds import derive_seed, global_batch
+from vspa.training.seeds import derive_seed
 from vspa.training.state import code_digest, load_state, save_state
+from vspa.translation.config import LG_GRID, TranslateConfig
+from vspa.translation.data import (
+    _DIAG,
+    _INIT,
+    _PRIME,
+    _SAMPLER,
+    UnpairedImages,
+    read_image,
+    stream,
+    training_batch,
+    views_generator,
+)
 from vspa.translation.discriminator import PatchDiscriminator
-from vspa.translation.generator import Translator, TranslatorConfig, default_nce_layers
-from vspa.translation.losses import GAN_MODES, GANLoss, PatchNCELoss
+from vspa.translation.generator import Translator, default_nce_layers
+from vspa.translation.losses import GANLoss, PatchNCELoss
 from vspa.translation.local_global import LocalGlobalLoss
 from vspa.utils import (
     VspaError,
@@ -65,219 +73,10 @@ from vspa.utils import (
     write_json_atomic,
 )
 
-VARIANTS = {"cut": (False, False), "attention": (True, False), "attention_lg": (True, True)}  # (attention, L_GA)
-DEFAULT_VARIANT = "attention_lg"  # the variant when neither --variant nor translate.variant names one
 ADAM_BETAS = (0.5, 0.99)
 STATE_FORMAT = "vspa-translator-state/2"  # 2: seeded streams, no RNG state; L_GA feature statistics
 MODEL_FORMAT = "vspa-translator/1"
-LG_GRID = 4
 PROGRESS_KEYS = ("loss_D", "loss_G_GAN", "loss_NCE", "loss_GA")
-
-# Streams of random numbers: derive_seed(seed, ..., stream), the stream id last (vspa.training.seeds).
-_INIT, _TGT_ORDER, _SRC_ORDER, _TGT_CROP, _SRC_CROP, _VIEWS, _SAMPLER, _DIAG, _PRIME = range(9)
-
-
-def stream(*numbers: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with ``derive_seed(*numbers)``."""
-    return torch.Generator().manual_seed(derive_seed(*numbers))
-
-
-@dataclass(frozen=True)
-class TranslateConfig:
-    """The ``translate:`` params section, parsed by :meth:`from_params` (:func:`vspa.config.parse_section`).
-
-    Every key but ``variant`` is required: the values are stated once, in conf/config.yaml (composed into
-    params.yaml). ``variant`` is not in params.yaml: dvc.yaml's foreach passes it (``--variant``).
-    """
-
-    iterations: int
-    batch_size: int
-    lr: float
-    crop_height: int | None  # null (with crop_width null): whole images
-    crop_width: int | None
-    ngf: int
-    n_blocks: int
-    n_content: int
-    ndf: int
-    gan_mode: str  # lsgan | bce
-    lambda_gan: float
-    lambda_nce: float
-    lambda_ga: float  # weight of L_GA after the warm-up
-    ga_warmup: int  # L_GA's weight rises linearly from 0 to lambda_ga over these iterations (0: from the start)
-    num_patches: int
-    nce_tau: float
-    queue_size: int
-    momentum: float
-    ga_tau: float
-    seed: int
-    device: str
-    checkpoint_every: int
-    variant: str = DEFAULT_VARIANT  # cut | attention | attention_lg
-
-    @classmethod
-    def from_params(cls, section: dict | None, name: str = "translate", path: str = "params.yaml") -> "TranslateConfig":
-        """The params section (e.g. ``stage_config(...)["translate"]``): unknown keys, missing values, wrong types
-        and bad values are VspaErrors naming ``path`` and the key."""
-        return parse_section(cls, section, name, path)
-
-    def validate(self, name: str = "translate", path: str = "params.yaml") -> None:
-        check_choice(self.variant, tuple(VARIANTS), f"{name}.variant", path)
-        check_choice(self.gan_mode, GAN_MODES, f"{name}.gan_mode", path)
-        checks = [  # (ok, key, requirement)
-            *[
-                (getattr(self, key) >= 1, key, "a positive integer")
-                for key in (
-                    "iterations",
-                    "batch_size",
-                    "ngf",
-                    "n_blocks",
-                    "n_content",
-                    "ndf",
-                    "num_patches",
-                    "queue_size",
-                    "checkpoint_every",
-                )
-            ],
-            *[
-                (getattr(self, key) > 0 and math.isfinite(getattr(self, key)), key, "a positive number")
-                for key in ("lr", "nce_tau", "ga_tau")
-            ],
-            *[
-                (getattr(self, key) >= 0 and math.isfinite(getattr(self, key)), key, ">= 0")
-                for key in ("lambda_gan", "lambda_nce", "lambda_ga")
-            ],
-            (self.ga_warmup >= 0, "ga_warmup", ">= 0"),
-            (0.0 <= self.momentum < 1.0, "momentum", "in [0, 1)"),
-            (self.seed >= 0, "seed", ">= 0"),
-        ]
-        for ok, key, requirement in checks:
-            check_number(ok, getattr(self, key), f"{name}.{key}", requirement, path)
-        check_device(self.device, f"{name}.device", path)
-        if (self.crop_height is None) != (self.crop_width is None):
-            raise VspaError(f"{path}: set both {name}.crop_height and {name}.crop_width, or both to null.")
-        if self.crop_height is not None:
-            step = self.size_multiple
-            for key in ("crop_height", "crop_width"):
-                value = getattr(self, key)
-                if value < step or value % step:
-                    raise VspaError(
-                        f"{path}: {name}.{key} must be a positive multiple of {step} "
-                        f"(variant {self.variant}), got {value!r}."
-                    )
-
-    @property
-    def attention(self) -> bool:
-        return VARIANTS[self.variant][0]
-
-    @property
-    def local_global(self) -> bool:
-        return VARIANTS[self.variant][1]
-
-    @property
-    def size_multiple(self) -> int:
-        """Training crops: multiples of 4 (two stride-2 convs), of 16 with L_GA (a 4x4 grid of such patches)."""
-        return 4 * LG_GRID if self.local_global else 4
-
-    def translator_config(self) -> TranslatorConfig:
-        return TranslatorConfig(
-            attention=self.attention, ngf=self.ngf, n_blocks=self.n_blocks, n_content=self.n_content
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------- images
-
-
-def image_paths(split_dir: str | os.PathLike) -> list[Path]:
-    """The image files of a split folder (``annotations.json``), in the order of its ``images`` list."""
-    from vspa.data.coco import load_coco
-
-    json_path = Path(split_dir) / "annotations.json"
-    if not json_path.is_file():
-        raise VspaError(f"{json_path}: annotations not found. Run the prepare stage or fix the split folder.")
-    data = load_coco(json_path)
-    if not data.images:
-        raise VspaError(f"{json_path}: no images. The translator needs at least one image per domain.")
-    return [data.image_path(img) for img in data.images]
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """RGB image as ``[3, H, W]`` float in [-1, 1]."""
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except OSError as exc:
-        raise VspaError(f"{path}: unreadable image ({exc}). Regenerate the split or remove the image.") from exc
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
-
-
-class UnpairedImages:
-    """Batches of random crops (and horizontal flips) of one domain's images, a function of
-    ``(seed, iteration)``: images in the order of a permutation drawn afresh per epoch (``global_batch`` seeded
-    by ``derive_seed(seed, order_stream)``), crop and flip of batch position ``p`` from
-    ``derive_seed(seed, iteration, p, crop_stream)``."""
-
-    def __init__(self, split_dir: str | os.PathLike, crop: tuple[int, int] | None, multiple: int):
-        self.split_dir = Path(split_dir)
-        self.paths = image_paths(split_dir)
-        self.crop = crop
-        self.multiple = multiple
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _crop(self, image: torch.Tensor, path: Path, generator: torch.Generator) -> torch.Tensor:
-        _, h, w = image.shape
-        if self.crop is None:
-            if h % self.multiple or w % self.multiple:
-                raise VspaError(
-                    f"{path}: a {h}x{w} image is not a multiple of {self.multiple}; set "
-                    f"translate.crop_height / crop_width to train on crops."
-                )
-            return image
-        ch, cw = self.crop
-        if h < ch or w < cw:
-            raise VspaError(
-                f"{path}: image {h}x{w} is smaller than the crop {ch}x{cw}; lower translate.crop_height / crop_width."
-            )
-        top = int(torch.randint(0, h - ch + 1, (), generator=generator))
-        left = int(torch.randint(0, w - cw + 1, (), generator=generator))
-        return image[:, top : top + ch, left : left + cw]
-
-    def indices(self, batch_size: int, seed: int, iteration: int, order_stream: int) -> list[int]:
-        """The image indices of ``iteration``'s batch (every image once per epoch; a batch may straddle two)."""
-        return global_batch(len(self.paths), batch_size, derive_seed(seed, order_stream), iteration)
-
-    def sample(self, batch_size: int, seed: int, iteration: int, order_stream: int, crop_stream: int) -> torch.Tensor:
-        crops = []
-        for position, i in enumerate(self.indices(batch_size, seed, iteration, order_stream)):
-            g = stream(seed, iteration, position, crop_stream)
-            crop = self._crop(read_image(self.paths[i]), self.paths[i], g)
-            crops.append(crop.flip(-1) if torch.rand((), generator=g).item() < 0.5 else crop)
-        if len({tuple(c.shape) for c in crops}) > 1:
-            raise VspaError(
-                f"{self.split_dir}: images of different sizes in one batch; set "
-                f"translate.crop_height / crop_width (or batch_size: 1)."
-            )
-        return torch.stack(crops)
-
-
-def training_batch(
-    targets: UnpairedImages, sources: UnpairedImages, cfg: TranslateConfig, iteration: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target and source batches of 0-based ``iteration``: a function of ``(cfg.seed, iteration)`` alone,
-    the same for every variant."""
-    return (
-        targets.sample(cfg.batch_size, cfg.seed, iteration, _TGT_ORDER, _TGT_CROP),
-        sources.sample(cfg.batch_size, cfg.seed, iteration, _SRC_ORDER, _SRC_CROP),
-    )
-
-
-def views_generator(cfg: TranslateConfig, iteration: int) -> torch.Generator:
-    """The generator of ``iteration``'s local-global views."""
-    return stream(cfg.seed, iteration, _VIEWS)
 
 
 def prime_local_global(models: "TranslationModels", targets: UnpairedImages, cfg: TranslateConfig, device) -> int:
