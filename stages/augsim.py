@@ -1,15 +1,8 @@
 """Stage `augsim`: AugSim, FoggyAugSim and the pairing-memory variant sets (paper 3.2).
 
-From the benchmark's source splits (``--src``):
-
-- ``<augsim>/source_train``, ``<augsim>/source_test``: AugSim (``augsim.fraction`` of the images, chosen
-  by ``augsim.seed``, with recoloured and/or mirrored objects);
-- ``<augsim>/pairing/{color,flip,color_flip}``: every image of the original ``source_train`` in that
-  variant (with the original split itself as ``none``, each object exists in all four appearances);
-- ``<foggy>/target_train``, ``<foggy>/target_test``: FoggyAugSim, fixed-intensity fog on AugSim of the
-  same images, so every target object has its exact counterpart in the source.
-
-Glue around :mod:`vspa.data.augsim_sets` (params, atomic outputs: see there). A summary goes to
+From the benchmark's source splits (``--src``): AugSim under ``--augsim-out`` (with the pairing variant sets
+in its ``pairing/``) and FoggyAugSim under ``--foggy-out``; glue around :mod:`vspa.data.augsim_sets` (what each
+folder holds, params, atomic outputs: see there). A summary goes to
 ``--summary``, a picture of a few images in the four appearances (like the paper's Fig. 1(a)) to ``--examples``.
 """
 

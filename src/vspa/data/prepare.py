@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from vspa.config import stage_config
-from vspa.data import OPTIONAL_SPLITS, SPLITS
+from vspa.data import OPTIONAL_SPLITS, SPLITS, split_info
 from vspa.data.coco import atomic_dir, dataset_sha256, load_coco, write_coco
 from vspa.data.synth import OBJECT_ID_SPLIT_STRIDE, generate_benchmark
 from vspa.utils import VspaError, write_json_atomic
@@ -76,15 +76,13 @@ def import_coco(cfg: dict, scenario: str, out: Path, params_path: str, final_out
                 )
                 if not ann.get("iscrowd", 0):
                     per_class[data.categories[data.cat_id_to_label[ann["category_id"]] - 1]] += 1
-        domain, part = split.split("_")
-        info = {
-            "scenario": scenario,
-            "domain": domain,
-            "split": part,
-            "generator": IMPORTER,
-            "source_json": str(data.json_path),
-            "source_sha256": dataset_sha256(data.json_path),
-        }
+        info = split_info(
+            scenario,
+            split,
+            generator=IMPORTER,
+            source_json=str(data.json_path),
+            source_sha256=dataset_sha256(data.json_path),
+        )
         write_coco(out / split / "annotations.json", images, annotations, data.category_records, info, image_root)
         summary["splits"][split] = {
             "images": len(images),

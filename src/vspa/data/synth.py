@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vspa.data import OPTIONAL_SPLITS, SPLITS
+from vspa.data import OPTIONAL_SPLITS, SPLITS, split_info
 from vspa.utils import VspaError
 
 GENERATOR = "vspa-synth/1"
@@ -991,19 +991,18 @@ def generate_benchmark(
             images.append(record)
             for obj in objects:
                 annotations.append({"id": len(annotations), **obj})
-        domain, part = split.split("_")
-        info = {
-            "scenario": scenario,
-            "domain": domain,
-            "split": part,
-            "seed": seed,
-            "generator": GENERATOR,
-            "style": DOMAIN_STYLE[(scenario, domain)][0],
-            "foggy": DOMAIN_STYLE[(scenario, domain)][1],
-            "fog_beta": fog_beta,
-            "fog_airlight": fog_airlight,
+        domain = split.split("_")[0]
+        info = split_info(
+            scenario,
+            split,
+            seed=seed,
+            generator=GENERATOR,
+            style=DOMAIN_STYLE[(scenario, domain)][0],
+            foggy=DOMAIN_STYLE[(scenario, domain)][1],
+            fog_beta=fog_beta,
+            fog_airlight=fog_airlight,
             **({"diversity": diversity} if diversity != "standard" else {}),
-        }
+        )
         write_coco(out_dir / split / "annotations.json", images, annotations, categories, info)
         per_class = {name: sum(a["category_id"] == k for a in annotations) for k, name in enumerate(classes, 1)}
         summary["splits"][split] = {

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vspa.data import SPLITS
+from vspa.data import SPLITS, split_info
 from vspa.utils import VspaError, atomic_path
 
 GENERATOR = "vspa-import/1"
@@ -491,19 +491,17 @@ def prepare_scenario(
 
     summaries = {}
     for code, (name, spec) in enumerate(specs.items()):
-        domain, part = name.split("_")
-        info = {
-            "scenario": scenario,
-            "domain": domain,
-            "split": part,
-            "seed": seed,
-            "generator": GENERATOR,
-            "dataset": spec.importer,
-            "dataset_split": spec.split,
-            "dataset_dirs": [str(d) for d in spec.dirs],
-            "sample": spec.sample,
-            "exclude": spec.exclude,
-        }
+        info = split_info(
+            scenario,
+            name,
+            seed=seed,
+            generator=GENERATOR,
+            dataset=spec.importer,
+            dataset_split=spec.split,
+            dataset_dirs=[str(d) for d in spec.dirs],
+            sample=spec.sample,
+            exclude=spec.exclude,
+        )
         summaries[name] = write_split(
             records[name],
             classes,
