@@ -66,7 +66,7 @@ def check(device_name: str, iterations: int, amp: bool, work: Path) -> dict:
     import torch
 
     from vspa.adaptation.trainer import AdaptConfig, AdaptData, adapt, input_fingerprint
-    from vspa.config import effective_params
+    from vspa.config import compose
     from vspa.coreset.kcenter import subsample_memory
     from vspa.data.coco import DetectionDataset
     from vspa.data.synth import generate_benchmark
@@ -84,7 +84,7 @@ def check(device_name: str, iterations: int, amp: bool, work: Path) -> dict:
             "node, or pass --device cpu to check the script itself on this machine."
         )
     device = torch.device(device_name)
-    params = effective_params({"scenario": "synth_fog"})
+    params = compose(ROOT / "conf")  # the default scenario, synth_fog (the configs have no code defaults for it)
     sizes = {"source_train": 24, "source_test": 8, "target_train": 24, "target_test": 16}
     data = work / "data"
     generate_benchmark(
@@ -167,11 +167,9 @@ def check(device_name: str, iterations: int, amp: bool, work: Path) -> dict:
     )
     checkpoint.save(work / "adapted.pt", teacher, model_cfg, src_ds.class_names)
 
-    from vspa.config import compose  # the translate section has no code defaults: its values are in conf/
-
     tcfg = TranslateConfig.from_params(
         {
-            **compose(ROOT / "conf")["translate"],
+            **params["translate"],
             "variant": "attention_lg",
             "iterations": iterations,
             "device": device_name,

@@ -1,12 +1,15 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the configs of the default composition (``from conftest import adapt_config``, ...)."""
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_SIZES = {"source_train": 6, "source_test": 4, "target_train": 6, "target_test": 4}
 TINY_HEIGHT, TINY_WIDTH = 96, 192
 
@@ -32,6 +35,42 @@ def tiny_benchmark(tmp_path_factory) -> Path:
     return out
 
 
+@functools.cache
+def _default_params() -> dict:
+    from vspa.config import compose
+
+    return compose(ROOT / "conf")  # once per process: Hydra takes about a second
+
+
+def default_section(name: str) -> dict:
+    """A copy of section ``name`` of the default composition of conf/ (the synth_fog scenario: params.yaml).
+
+    The dataclasses have no defaults for what conf states (tests/test_config_defaults.py), so a config built in
+    a test starts from these values."""
+    return copy.deepcopy(_default_params()[name])
+
+
+def adapt_config(**overrides):
+    """``AdaptConfig`` of the default ``adapt`` section with ``overrides`` (parsed and validated)."""
+    from vspa.adaptation.config import AdaptConfig
+
+    return AdaptConfig.from_params({**default_section("adapt"), **overrides})
+
+
+def detector_config(**overrides):
+    """``DetectorConfig`` of the default ``model`` section with ``overrides`` (parsed and validated)."""
+    from vspa.detection.model import DetectorConfig
+
+    return DetectorConfig.from_params({**default_section("model"), **overrides})
+
+
+def train_config(name: str = "pretrain", **overrides):
+    """``TrainConfig`` of the default section ``name`` (pretrain / oracle) with ``overrides``."""
+    from vspa.detection.train import TrainConfig
+
+    return TrainConfig.from_params({**default_section(name), **overrides}, name=name)
+
+
 class Killed(Exception):
     """Raised by :class:`DiesAfter`: stands for a process killed mid-run (resume tests)."""
 
@@ -54,17 +93,18 @@ class DiesAfter(torch.utils.data.Dataset):
 
 
 def untrained_source_and_memory(source_json: Path, root: Path, model: dict, method: str, ratio: float) -> dict:
-    """An untrained detector (``model``: DetectorConfig keys, torch seed 0) saved as ``root/source.pt``, and
-    the memory of the split ``source_json`` subsampled with ``method`` / ``ratio`` as ``root/memory.h5``."""
+    """An untrained detector (``model``: DetectorConfig keys over the default ``model`` section, torch seed 0)
+    saved as ``root/source.pt``, and the memory of the split ``source_json`` subsampled with ``method`` /
+    ``ratio`` as ``root/memory.h5``."""
     from vspa.coreset.kcenter import subsample_memory
     from vspa.data.coco import DetectionDataset
     from vspa.detection import checkpoint
-    from vspa.detection.model import DetectorConfig, build_detector
+    from vspa.detection.model import build_detector
     from vspa.memory.extract import extract_memory
     from vspa.memory.store import open_memory, write_memory
 
     source = DetectionDataset(source_json)
-    cfg = DetectorConfig(**model)
+    cfg = detector_config(**model)
     torch.manual_seed(0)
     det = build_detector(cfg, source.num_classes)
     checkpoint.save(root / "source.pt", det, cfg, source.class_names)

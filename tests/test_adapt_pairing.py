@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DiesAfter, Killed, untrained_source_and_memory
+from conftest import DiesAfter, Killed, adapt_config, untrained_source_and_memory
 
 from vspa.adaptation import data as data_module
 from vspa.adaptation import step as step_module
@@ -67,7 +67,7 @@ def pairing_cfg(inputs, **over) -> AdaptConfig:
         pairing_original=str(inputs["original"]),
         pairing_variants=str(inputs["variants"]),
     )
-    return AdaptConfig.from_params({**values, **over})
+    return adapt_config(**{**values, **over})
 
 
 def make_data(inputs, cfg: AdaptConfig, target=None) -> AdaptData:
@@ -106,18 +106,18 @@ def read_rows(path: Path) -> list[dict]:
 def test_pairing_config_errors_name_the_param_and_the_fix(pairing_inputs, tmp_path):
     base = {"iterations": 2, "batch_size": 2, "lr": 0.01, "fg_mode": "pairing"}
     with pytest.raises(VspaError, match=r"adapt\.pairing_original is not set.*data/benchmark/source_train.*augsim"):
-        AdaptConfig.from_params({**base, "pairing_variants": "x"})
+        adapt_config(**base, pairing_variants="x")
     with pytest.raises(VspaError, match=r"adapt\.pairing_variants is not set.*data/augsim/pairing"):
-        AdaptConfig.from_params({**base, "pairing_original": "x"})
+        adapt_config(**base, pairing_original="x")
     with pytest.raises(VspaError, match="pairing_mode must be one of exact, color, flip, color_flip"):
-        AdaptConfig.from_params({**base, "pairing_original": "x", "pairing_variants": "y", "pairing_mode": "rot"})
-    cfg = AdaptConfig.from_params({**base, "pairing_original": str(tmp_path / "absent"), "pairing_variants": "y"})
+        adapt_config(**base, pairing_original="x", pairing_variants="y", pairing_mode="rot")
+    cfg = adapt_config(**base, pairing_original=str(tmp_path / "absent"), pairing_variants="y")
     assert cfg.needs_memory and cfg.use_pairing and cfg.pairing_mode == "exact"
     with pytest.raises(VspaError, match=r"adapt\.pairing_original = '.*absent' is not a folder.*dvc repro augsim"):
         build_pairing_table(cfg, pairing_inputs["target"])
     # without fg_mode pairing the paths are not needed, and the record (resume fingerprint, checkpoint meta)
     # of the other modes does not carry the pairing keys
-    memory = AdaptConfig.from_params({"iterations": 2, "batch_size": 2, "lr": 0.01})
+    memory = adapt_config(iterations=2, batch_size=2, lr=0.01)
     assert not memory.use_pairing and not any(k.startswith("pairing_") for k in memory.record())
     assert cfg.record()["pairing_original"] == str(tmp_path / "absent")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import DiesAfter, Killed, untrained_source_and_memory
+from conftest import DiesAfter, Killed, adapt_config, default_section, untrained_source_and_memory
 
 from vspa.adaptation.align import (
     ForegroundAligner,
@@ -166,20 +166,21 @@ def test_background_loss_pairs_with_the_most_similar_memory_entry_and_reverses_g
 
 
 def test_config_defaults_errors_and_override_section():
-    cfg = AdaptConfig.from_params({"iterations": 5, "batch_size": 2, "lr": 0.01, "tau": None})
+    cfg = adapt_config(iterations=5, batch_size=2, lr=0.01, weight_decay=None)
     assert cfg.tau == 0.8 and cfg.margin == 1.5 and cfg.top_k == 1 and cfg.needs_memory
+    assert cfg.weight_decay == 1e-4  # null: the dataclass default of a key conf does not state
+    with pytest.raises(VspaError, match="adapt.tau is not set"):  # conf states tau: null is no value
+        adapt_config(iterations=5, batch_size=2, lr=0.01, tau=None)
     with pytest.raises(VspaError, match="unknown key.*lamda_fg"):
-        AdaptConfig.from_params({"iterations": 5, "batch_size": 2, "lr": 0.01, "lamda_fg": 0.1})
+        adapt_config(iterations=5, batch_size=2, lr=0.01, lamda_fg=0.1)
     with pytest.raises(VspaError, match="fg_mode must be one of"):
-        AdaptConfig.from_params({"iterations": 5, "batch_size": 2, "lr": 0.01, "fg_mode": "memroy"})
+        adapt_config(iterations=5, batch_size=2, lr=0.01, fg_mode="memroy")
     with pytest.raises(VspaError, match="adapt.iterations is not set"):
-        AdaptConfig.from_params({"batch_size": 2, "lr": 0.01})
-    at_like = AdaptConfig.from_params(
-        {"iterations": 5, "batch_size": 2, "lr": 0.01, "fg_mode": "off", "bg_mode": "off"}
-    )
+        AdaptConfig.from_params({k: v for k, v in default_section("adapt").items() if k != "iterations"})
+    at_like = adapt_config(iterations=5, batch_size=2, lr=0.01, fg_mode="off", bg_mode="off")
     assert not at_like.needs_memory
     # `-S adapt_vspa.bg_mode=off` is written unquoted, and YAML 1.1 reads it back as false: still "off"
-    unquoted = AdaptConfig.from_params(yaml.safe_load("iterations: 5\nbatch_size: 2\nlr: 0.01\nbg_mode: off\n"))
+    unquoted = adapt_config(**yaml.safe_load("iterations: 5\nbatch_size: 2\nlr: 0.01\nbg_mode: off\n"))
     assert unquoted.bg_mode == "off" and not unquoted.use_bg
     sys.path.insert(0, str(ROOT / "stages"))
     from adapt import adapt_section
@@ -225,7 +226,7 @@ def run_adapt(inputs, work: Path, target=None, **over):
         refresh_every=2,
         lambda_img=0.1,
     )
-    cfg = AdaptConfig.from_params({**values, **over})
+    cfg = adapt_config(**{**values, **over})
     student, _ = checkpoint.load(inputs["model"])
     torch.manual_seed(cfg.seed)
     data = AdaptData(
@@ -302,7 +303,7 @@ def write_params(path: Path, **adapt_over) -> None:
         yaml.safe_dump(
             {
                 "scenario": "synth_fog",
-                "adapt": {**adapt, **adapt_over},
+                "adapt": {**default_section("adapt"), **adapt, **adapt_over},
                 "adapt_at_like": {"fg_mode": "off", "bg_mode": "off"},
             }
         )
@@ -443,7 +444,7 @@ def test_fair_source_only_reads_no_target_image_and_evaluates_the_ema(tiny_input
     torch.set_num_threads(1)
     target = NoTargetImages(DetectionDataset(tiny_inputs["bench"] / "target_train" / "annotations.json"))
     over = dict(iterations=3, lambda_unsup=0.0, lambda_img=0.0, fg_mode="off", bg_mode="off", refresh_every=0)
-    assert not AdaptConfig.from_params(dict(batch_size=2, lr=0.01, **over)).uses_target
+    assert not adapt_config(batch_size=2, lr=0.01, **over).uses_target
     student, teacher, summary = run_adapt({**tiny_inputs, "memory": None}, tmp_path, target=target, **over)
     rows = read_rows(tmp_path / "losses.csv")
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3]
@@ -463,7 +464,7 @@ def test_snapshots_are_the_teacher_at_that_iteration(tiny_inputs, tmp_path):
     from vspa.detection import checkpoint
 
     torch.set_num_threads(1)
-    assert "snapshot_every" not in AdaptConfig(iterations=2, batch_size=2, lr=0.01).record()  # records unchanged
+    assert "snapshot_every" not in adapt_config(iterations=2, batch_size=2, lr=0.01).record()  # records unchanged
     _, short, _ = run_adapt(tiny_inputs, tmp_path / "short", iterations=2, refresh_every=0)
     _, _, _ = run_adapt(tiny_inputs, tmp_path / "long", iterations=4, refresh_every=0, snapshot_every=2)
     assert sorted(p.name for p in (tmp_path / "long").glob("teacher_*.pt")) == ["teacher_2.pt"]  # not the final

@@ -15,12 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import adapt_config
 from test_adaptation_train import make_bank, row_of, run_adapt, tiny_inputs  # noqa: F401 (fixture)
 
 from vspa.adaptation import diagnostics
 from vspa.adaptation.align import background_loss, memory_triplets
 from vspa.adaptation.losses import adversarial_terms, triplet_stats
-from vspa.adaptation.trainer import AdaptConfig, StudentStep
+from vspa.adaptation.trainer import StudentStep
 from vspa.memory.retrieval import Retriever
 from vspa.memory.store import MemoryBank
 
@@ -51,7 +52,7 @@ def train_background_discriminator(bg_form: str, steps: int = 300, dim: int = 10
     class Det(torch.nn.Module):  # what StudentStep reads of a detector when only the bg term is on
         embed_dim, feature_channels = dim, 8
 
-    cfg = AdaptConfig(iterations=steps, batch_size=2, lr=0.01, lambda_img=0.0, fg_mode="off", bg_form=bg_form)
+    cfg = adapt_config(iterations=steps, batch_size=2, lr=0.01, lambda_img=0.0, fg_mode="off", bg_form=bg_form)
     torch.manual_seed(0)
     step = StudentStep(Det(), cfg)
     memory_src, _ = shifted_sets(256, dim, seed=1)
@@ -129,7 +130,7 @@ def test_background_warmup_ramps_the_reversed_gradient():
     class Det(torch.nn.Module):
         embed_dim, feature_channels = 16, 8
 
-    cfg = AdaptConfig(
+    cfg = adapt_config(
         iterations=10, batch_size=2, lr=0.01, lambda_bg=0.2, bg_form="confusion", bg_warmup=4, bg_scale=2.5
     )
     step = StudentStep(Det(), cfg)
@@ -140,7 +141,7 @@ def test_background_warmup_ramps_the_reversed_gradient():
     assert got == pytest.approx([0.0, 0.05, 0.1, 0.2, 0.2])
     assert step._bg_input_scale() == pytest.approx(2.5)
     paper = StudentStep(
-        Det(), AdaptConfig(iterations=10, batch_size=2, lr=0.01, lambda_bg=0.2, bg_warmup=4, bg_form="paper")
+        Det(), adapt_config(iterations=10, batch_size=2, lr=0.01, lambda_bg=0.2, bg_warmup=4, bg_form="paper")
     )
     paper.iteration = 0
     assert paper._bg_lambda() == 0.2 and paper._bg_input_scale() == 1.0  # the paper's form ignores the warm-up

@@ -344,15 +344,17 @@ def test_train_config_committed_values_and_types():
     assert TrainConfig.from_params(committed("oracle"), name="oracle") == cfg
     assert "amp" not in cfg.record()  # the resume fingerprint's dict is as before
     coerced = TrainConfig.from_params(
-        {"iterations": 10.0, "batch_size": 2, "lr": 1, "momentum": 0, "lr_steps": [5.0, 8], "seed": 3}
+        {**committed("pretrain"), "iterations": 10.0, "batch_size": 2, "lr": 1, "momentum": 0, "lr_steps": [5.0, 8]}
     )
     assert type(coerced.iterations) is int and type(coerced.lr) is float and type(coerced.momentum) is float
     assert coerced.lr_steps == [5, 8] and all(type(s) is int for s in coerced.lr_steps)
-    assert TrainConfig.from_params({"iterations": 10, "batch_size": 2, "lr": 0.1, "lr_steps": None}).lr_steps == []
+    assert TrainConfig.from_params({**committed("pretrain"), "lr_steps": []}).lr_steps == []
+    with pytest.raises(VspaError, match=r"pretrain\.lr_steps is not set"):  # conf states it: null is no value
+        TrainConfig.from_params({**committed("pretrain"), "lr_steps": None})
 
 
 def test_train_config_value_checks_name_the_file_and_the_key():
-    base = {"iterations": 10, "batch_size": 2, "lr": 0.1}
+    base = {**committed("oracle"), "iterations": 10, "batch_size": 2, "lr": 0.1}
     for bad, match in [
         ({"batch_size": 0}, r"^p\.yaml: oracle\.batch_size must be >= 1, got 0\.$"),
         ({"momentum": 1.0}, r"oracle\.momentum must be in \[0, 1\), got 1\.0"),
@@ -392,10 +394,8 @@ def test_adapt_config_committed_values_and_the_run_sections():
 
 
 def test_adapt_config_reads_an_unquoted_off_and_names_the_key_of_a_bad_value():
-    base = {"iterations": 5, "batch_size": 2, "lr": 0.01}
-    unquoted = AdaptConfig.from_params(
-        yaml.safe_load("iterations: 5\nbatch_size: 2\nlr: 0.01\nfg_mode: off\nbg_mode: off\n")
-    )
+    base = {**committed("adapt"), "iterations": 5, "batch_size": 2, "lr": 0.01}
+    unquoted = AdaptConfig.from_params({**base, **yaml.safe_load("fg_mode: off\nbg_mode: off\n")})
     assert (unquoted.fg_mode, unquoted.bg_mode) == ("off", "off")
     with pytest.raises(VspaError) as exc:
         AdaptConfig.from_params({**base, "bg_mode": True}, path="p.yaml")  # an unquoted on
@@ -420,7 +420,7 @@ def test_detector_config_committed_values_and_checks():
     assert cfg.aspect_ratios == [0.5, 1.0, 2.0, 3.0] and not cfg.from_scratch
     # a float given as an integer becomes a float; null is "the default", also for anchor_sizes (int | None)
     given = DetectorConfig.from_params(
-        {"rpn_fg_iou_thresh": 1, "aspect_ratios": [1, 2], "anchor_sizes": None, "min_size": 96.0}
+        {**committed("model"), "rpn_fg_iou_thresh": 1, "aspect_ratios": [1, 2], "anchor_sizes": None, "min_size": 96.0}
     )
     assert type(given.rpn_fg_iou_thresh) is float and given.aspect_ratios == [1.0, 2.0]
     assert all(type(a) is float for a in given.aspect_ratios) and given.anchor_sizes is None
@@ -479,7 +479,9 @@ def test_train_stage_serves_pretrain_and_oracle_and_rejects_another_section(tmp_
     assert exc.value.code == 2
     assert "--section 'pretrian': choose one of pretrain, oracle" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
-    (tmp_path / "p.yaml").write_text("scenario: synth_fog\nmodel: {backbone: small}\noracle: {iterations: 0}\n")
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["oracle"]["iterations"] = 0
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(SystemExit):
         stage_main("train")(section="oracle", params=str(tmp_path / "p.yaml"), **paths)
     assert "p.yaml: oracle.iterations must be >= 1, got 0" in capsys.readouterr().err  # the oracle section was read

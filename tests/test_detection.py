@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import default_section, detector_config
 
 from vspa.detection import checkpoint
 from vspa.detection.backbones import DEFAULT_ANCHOR_SIZES
@@ -26,7 +27,7 @@ TINY = dict(
 
 def tiny_detector(num_classes: int = 2, seed: int = 0):
     torch.manual_seed(seed)
-    return build_detector(DetectorConfig(**TINY), num_classes)
+    return build_detector(detector_config(**TINY), num_classes)
 
 
 def tiny_batch():
@@ -43,15 +44,18 @@ def tiny_batch():
 
 
 def test_config_from_params_fills_defaults_and_rejects_unknown_keys():
-    section = {"backbone": "small", "pretrained_weights": None, "min_size": 96, "max_size": None}
+    conf = {k: default_section("model")[k] for k in ("backbone", "pretrained_weights", "from_scratch", "max_size")}
+    section = {**conf, "min_size": 96, "box_batch_size_per_image": 64}  # the keys conf always states
     cfg = DetectorConfig.from_params(section)
     assert (cfg.min_size, cfg.max_size, cfg.small_width) == (96, 320, DetectorConfig.small_width)
     assert cfg.effective_anchor_sizes() == DEFAULT_ANCHOR_SIZES["small"]
-    assert DetectorConfig.from_params({"anchor_sizes": [8, 24]}).effective_anchor_sizes() == (8, 24)
+    assert DetectorConfig.from_params({**section, "anchor_sizes": [8, 24]}).effective_anchor_sizes() == (8, 24)
+    with pytest.raises(VspaError, match=r"model\.max_size is not set"):  # conf states it: no code default
+        DetectorConfig.from_params({**section, "max_size": None})
     with pytest.raises(VspaError, match="unknown key.*anchors"):
-        DetectorConfig.from_params({"anchors": [8]})
+        DetectorConfig.from_params({**section, "anchors": [8]})
     with pytest.raises(VspaError, match="model.backbone 'resnet18'"):
-        DetectorConfig.from_params({"backbone": "resnet18"})
+        DetectorConfig.from_params({**section, "backbone": "resnet18"})
 
 
 def test_pool_embed_and_background_shapes():
@@ -166,6 +170,18 @@ def test_checkpoint_round_trip_gives_identical_predictions(tmp_path):
             assert torch.equal(x[key], y[key])
 
 
+def test_a_checkpoint_whose_config_lacks_a_field_is_a_clear_error(tmp_path):
+    """A checkpoint written before a key existed that conf states (no code default) names the file and the key."""
+    det = tiny_detector()
+    path = tmp_path / "old.pt"
+    checkpoint.save(path, det, det.cfg, ["car", "person"])
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["from_scratch"]
+    torch.save(ckpt, path)
+    with pytest.raises(VspaError, match=r"old\.pt: the detector checkpoint is incomplete.*'from_scratch'"):
+        checkpoint.load(path)
+
+
 def test_checkpoint_missing_or_corrupt_file_is_a_clear_error(tmp_path):
     with pytest.raises(VspaError, match=r"nope\.pt: detector checkpoint not found.*dvc repro"):
         checkpoint.load(tmp_path / "nope.pt")
@@ -180,7 +196,7 @@ def test_checkpoint_missing_or_corrupt_file_is_a_clear_error(tmp_path):
 
 
 def test_missing_pretrained_weights_say_how_to_get_them(tmp_path):
-    cfg = DetectorConfig(backbone="resnet50", pretrained_weights=str(tmp_path / "r50.pth"))
+    cfg = detector_config(backbone="resnet50", pretrained_weights=str(tmp_path / "r50.pth"), anchor_sizes=None)
     with pytest.raises(VspaError, match=r"r50\.pth: model\.pretrained_weights file not found.*torch\.save"):
         build_detector(cfg, 2)
 
@@ -189,7 +205,9 @@ def test_pretrained_weights_are_loaded_and_frozen_or_rejected(tmp_path):
     conv1 = torch.randn(64, 3, 7, 7)
     good = tmp_path / "partial.pth"
     torch.save(OrderedDict([("conv1.weight", conv1), ("fc.weight", torch.zeros(2, 2))]), good)
-    cfg = DetectorConfig(backbone="resnet50", pretrained_weights=str(good), min_size=64, max_size=128)
+    cfg = detector_config(
+        backbone="resnet50", pretrained_weights=str(good), min_size=64, max_size=128, anchor_sizes=None
+    )
     det = build_detector(cfg, 1)
     body = det.model.backbone.body
     assert torch.equal(body.conv1.weight, conv1) and not body.conv1.weight.requires_grad
@@ -198,13 +216,14 @@ def test_pretrained_weights_are_loaded_and_frozen_or_rejected(tmp_path):
     unrelated = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(3)}, unrelated)
     with pytest.raises(VspaError, match=r"other\.pth: none of its 1 tensors matches the resnet50"):
-        build_detector(DetectorConfig(backbone="resnet50", pretrained_weights=str(unrelated)), 1)
+        build_detector(detector_config(backbone="resnet50", pretrained_weights=str(unrelated), anchor_sizes=None), 1)
 
 
 @pytest.mark.parametrize("backbone,channels", [("resnet50", 1024), ("vgg16", 512)])
 def test_large_backbones_give_1024d_embeddings(backbone, channels):
     torch.manual_seed(0)
-    det = build_detector(DetectorConfig(backbone=backbone, min_size=64, max_size=128), 3).eval()
+    # anchor_sizes null: the backbone's own anchors (the default section has the small backbone's)
+    det = build_detector(detector_config(backbone=backbone, min_size=64, max_size=128, anchor_sizes=None), 3).eval()
     assert det.feature_channels == channels and det.stride == 16
     with torch.no_grad():
         image_list, _ = det.prepare([torch.rand(3, 64, 128)])

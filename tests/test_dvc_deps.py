@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from loaders import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 
@@ -299,14 +301,11 @@ def test_the_option_check_fails_when_an_option_is_dropped():
 
 def test_the_ast_reading_agrees_with_typer():
     """options_of reads what typer builds: the same required flags as the click command of a real script."""
-    import importlib.util
 
     import typer
 
     script = ROOT / "stages" / "report.py"
-    spec = importlib.util.spec_from_file_location("stage_report_for_options", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("stages/report.py")
     app = typer.Typer(add_completion=False)  # typer.run's command, without the completion options
     app.command()(module.main)
     command = typer.main.get_command(app)

@@ -7,6 +7,8 @@ import pytest
 from vspa.evaluation.runner import score, subset_indices
 from vspa.utils import VspaError
 
+from loaders import stage_main
+
 IMAGES = [{"id": 0, "fog_beta": 0.02}, {"id": 1, "fog_beta": 0.01}, {"id": 2, "fog_beta": 0.02}, {"id": 3}]
 
 
@@ -44,7 +46,6 @@ def test_foggy_cityscapes_scenario_scores_each_fog_level(tmp_path, monkeypatch):
     level, and the evaluate stage (the scenario's evaluate.subsets) writes one block per level, whose image
     counts add up to the whole split's. A small random detector stands in for VGG16 (the numbers are not the
     point)."""
-    import importlib.util
     import json
     import os
     import subprocess
@@ -52,11 +53,12 @@ def test_foggy_cityscapes_scenario_scores_each_fog_level(tmp_path, monkeypatch):
     from pathlib import Path
 
     import yaml
+    from conftest import detector_config
 
     from vspa.config import compose
     from vspa.data.smoke import write_fixture
     from vspa.detection.checkpoint import save
-    from vspa.detection.model import DetectorConfig, build_detector
+    from vspa.detection.model import build_detector
 
     root = Path(__file__).resolve().parents[1]
     data_root = write_fixture("cityscapes_foggy", tmp_path / "datasets")
@@ -83,13 +85,10 @@ def test_foggy_cityscapes_scenario_scores_each_fog_level(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr[-2000:]
     classes = params["prepare"]["classes"]
     torch.manual_seed(0)
-    cfg = DetectorConfig(min_size=64, max_size=128, small_width=8)
+    cfg = detector_config(min_size=64, max_size=128, small_width=8)
     save(tmp_path / "model.pt", build_detector(cfg, len(classes)), cfg, list(classes))
-    spec = importlib.util.spec_from_file_location("evaluate_stage", root / "stages" / "evaluate.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
     monkeypatch.chdir(tmp_path)
-    stage.main(
+    stage_main("evaluate")(
         params=str(tmp_path / "params.yaml"),
         model=tmp_path / "model.pt",
         data=tmp_path / "bench/target_test",

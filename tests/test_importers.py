@@ -502,12 +502,10 @@ def test_training_stage_of_a_real_preset_stops_without_weights(tmp_path, monkeyp
         raise RuntimeError("training started")
 
     monkeypatch.setattr(train, "train_detector", fake_train)
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = ["scenario=sim10k_cityscapes", f"{section}.device=cpu"]
     params = tmp_path / "my_params.yaml"
-    params.write_text(
-        yaml.safe_dump(
-            {"scenario": "sim10k_cityscapes", "model": {"pretrained_weights": None}, section: {"device": "cpu"}}
-        )
-    )
+    params.write_text(yaml.safe_dump(compose(conf, overrides)))  # model.pretrained_weights: null, as composed
     data = tmp_path / "split"
     data.mkdir()
     write_coco(data / "annotations.json", [], [], [{"id": 1, "name": "car"}], {})
@@ -519,15 +517,7 @@ def test_training_stage_of_a_real_preset_stops_without_weights(tmp_path, monkeyp
     ):
         train.run_training_stage(*args)
     assert not started and not (tmp_path / "model.pt").exists()
-    params.write_text(
-        yaml.safe_dump(
-            {
-                "scenario": "sim10k_cityscapes",
-                "model": {"from_scratch": True, "backbone": "small"},
-                section: {"device": "cpu"},
-            }
-        )
-    )
+    params.write_text(yaml.safe_dump(compose(conf, [*overrides, "model.from_scratch=true", "model.backbone=small"])))
     with pytest.raises(RuntimeError, match="training started"):  # the explicit opt-out goes on to train
         train.run_training_stage(*args)
 

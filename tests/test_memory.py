@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import detector_config
 
-from vspa.detection.model import DetectorConfig, build_detector
+from vspa.detection.model import build_detector
 from vspa.memory.extract import extract_memory
 from vspa.memory.inspect import inspect_memory
 from vspa.memory.store import FORMAT_VERSION, MemoryBank, memory_writer, open_memory, write_memory
 from vspa.utils import VspaError
+from loaders import stage_main
 
 TINY = dict(backbone="small", small_width=8, min_size=64, max_size=128, anchor_sizes=[16, 32, 64])
 CLASSES = ["car", "person"]
@@ -23,7 +25,7 @@ CLASSES = ["car", "person"]
 
 def tiny_detector(seed: int = 0):
     torch.manual_seed(seed)
-    return build_detector(DetectorConfig(**TINY), len(CLASSES)).eval()
+    return build_detector(detector_config(**TINY), len(CLASSES)).eval()
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -301,21 +303,11 @@ def test_extraction_failure_leaves_no_file_and_bad_params_are_errors(tmp_path):
 
 
 def test_stages_extract_then_subsample(tmp_path, monkeypatch):
-    import importlib.util
-    from pathlib import Path
 
     from PIL import Image
 
     from vspa.data.coco import write_coco
     from vspa.detection import checkpoint
-
-    root = Path(__file__).resolve().parents[1]
-
-    def stage(name):
-        spec = importlib.util.spec_from_file_location(f"stage_{name}", root / "stages" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.main
 
     split = tmp_path / "source_train"
     (split / "images").mkdir(parents=True)
@@ -339,7 +331,7 @@ def test_stages_extract_then_subsample(tmp_path, monkeypatch):
     categories = [{"id": 1, "name": "car"}, {"id": 2, "name": "person"}]
     write_coco(split / "annotations.json", images, annotations, categories, info={})
     det = tiny_detector()
-    checkpoint.save(tmp_path / "model.pt", det, DetectorConfig(**TINY), CLASSES)
+    checkpoint.save(tmp_path / "model.pt", det, detector_config(**TINY), CLASSES)
     params = tmp_path / "params.yaml"
     params.write_text(
         "scenario: synth_fog\n"
@@ -347,7 +339,7 @@ def test_stages_extract_then_subsample(tmp_path, monkeypatch):
         "subsample: {method: coreset, fg_ratio: 0.5, bg_ratio: 0.5, projection_dim: 0, seed: 0, device: cpu}\n"
     )
     full, sub = tmp_path / "full.h5", tmp_path / "sub.h5"
-    stage("extract_memory")(
+    stage_main("extract_memory")(
         params=str(params), model=tmp_path / "model.pt", data=split, out=full, stats=tmp_path / "extract.json"
     )
     bank = open_memory(full, expected_dim=1024)
@@ -356,7 +348,7 @@ def test_stages_extract_then_subsample(tmp_path, monkeypatch):
     assert len(bank.attrs["checkpoint_sha256"]) == 64 and len(bank.attrs["dataset_sha256"]) == 64
     assert json.loads((tmp_path / "extract.json").read_text())["fg_rows"] == 8
 
-    stage("subsample")(params=str(params), memory=full, out=sub, coverage=tmp_path / "coverage.json")
+    stage_main("subsample")(params=str(params), memory=full, out=sub, coverage=tmp_path / "coverage.json")
     subset = open_memory(sub)
     assert len(subset.fg_labels) == 4 and len(subset.bg_image_ids) == 2
     assert np.array_equal(subset.fg_features, bank.fg_features[subset.fg_index])
@@ -366,5 +358,5 @@ def test_stages_extract_then_subsample(tmp_path, monkeypatch):
     assert coverage["fg"]["radius"] > 0
 
     with pytest.raises(SystemExit) as exc:  # a bad memory file: one line, exit status 2
-        stage("subsample")(params=str(params), memory=tmp_path / "nope.h5", out=sub, coverage=tmp_path / "c.json")
+        stage_main("subsample")(params=str(params), memory=tmp_path / "nope.h5", out=sub, coverage=tmp_path / "c.json")
     assert exc.value.code == 2

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import detector_config
 from PIL import Image
 
 from vspa.adaptation.pairing import (
@@ -24,7 +25,7 @@ from vspa.adaptation.pairing import (
 from vspa.data.augsim import VARIANT_FLAGS, VARIANTS, make_augsim, make_foggy, make_variant_set
 from vspa.data.coco import DetectionDataset
 from vspa.data.synth import apply_fog
-from vspa.detection.model import DetectorConfig, build_detector
+from vspa.detection.model import build_detector
 from vspa.memory.extract import embed_batch
 from vspa.memory.retrieval import Retriever
 from vspa.memory.store import MemoryBank
@@ -172,7 +173,7 @@ TINY = dict(backbone="small", small_width=8, min_size=64, max_size=128, anchor_s
 @pytest.fixture(scope="module")
 def detector():
     torch.manual_seed(0)
-    return build_detector(DetectorConfig(**TINY), 3).eval()
+    return build_detector(detector_config(**TINY), 3).eval()
 
 
 def _features_in(detector, folder: Path, object_ids: set[int]) -> dict[int, torch.Tensor]:

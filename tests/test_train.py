@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import default_section, detector_config, train_config
 
-from vspa.detection.model import DetectorConfig, build_detector
+from vspa.detection.model import build_detector
 from vspa.detection.train import CSV_COLUMNS, TrainConfig, global_batch, train_detector
 from vspa.utils import VspaError
 
@@ -74,13 +75,14 @@ class DiesAfter(TinyDataset):
 
 
 def train_cfg(**over) -> TrainConfig:
-    values = dict(iterations=6, batch_size=2, lr=0.01, warmup_iters=2, lr_steps=[5], checkpoint_every=3, device="cpu")
-    return TrainConfig.from_params({**values, **over})
+    # strong_aug on (the old code default; synth_fog has it off): the resume test covers the strong augmentation
+    values = dict(iterations=6, batch_size=2, lr=0.01, warmup_iters=2, lr_steps=[5], strong_aug=True)
+    return train_config(**{**values, "checkpoint_every": 3, "device": "cpu", **over})
 
 
 def fresh_detector():
     torch.manual_seed(0)
-    return build_detector(DetectorConfig(**TINY_MODEL), 2)
+    return build_detector(detector_config(**TINY_MODEL), 2)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -90,13 +92,15 @@ def read_csv(path: Path) -> list[dict]:
 
 def test_config_requires_values_and_checks_them():
     with pytest.raises(VspaError, match=r"pretrain\.lr is not set"):
-        TrainConfig.from_params({"iterations": 10, "batch_size": 2, "lr": None})
+        train_config(iterations=10, batch_size=2, lr=None)
+    with pytest.raises(VspaError, match=r"pretrain\.momentum is not set"):  # conf states it: no code default
+        TrainConfig.from_params({k: v for k, v in default_section("pretrain").items() if k != "momentum"})
     with pytest.raises(VspaError, match=r"oracle\.batch_size must be >= 1"):
-        TrainConfig.from_params({"iterations": 10, "batch_size": 0, "lr": 0.1}, name="oracle")
+        train_config("oracle", iterations=10, batch_size=0, lr=0.1)
     with pytest.raises(VspaError, match="unknown key.*epochs"):
-        TrainConfig.from_params({"iterations": 10, "batch_size": 2, "lr": 0.1, "epochs": 3})
+        train_config(iterations=10, batch_size=2, lr=0.1, epochs=3)
     with pytest.raises(VspaError, match="lr_steps must be increasing"):
-        TrainConfig.from_params({"iterations": 10, "batch_size": 2, "lr": 0.1, "lr_steps": [8, 4]})
+        train_config(iterations=10, batch_size=2, lr=0.1, lr_steps=[8, 4])
 
 
 def test_lr_schedule_warms_up_linearly_then_steps():
@@ -234,8 +238,9 @@ def test_training_stage_writes_checkpoint_and_log_and_resumes(tmp_path, capsys):
     write_tiny_split(tmp_path / "split")
     params = {
         "scenario": "synth_fog",
-        "model": {**TINY_MODEL, "pretrained_weights": None},
+        "model": {**default_section("model"), **TINY_MODEL, "pretrained_weights": None},
         "oracle": {
+            **default_section("oracle"),
             "seed": 0,
             "device": "cpu",
             "iterations": 2,

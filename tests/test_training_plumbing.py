@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import adapt_config, default_section, detector_config, train_config
 
 from vspa.adaptation.config import AdaptConfig
 from vspa.detection import train as detection_train
@@ -43,7 +44,7 @@ def test_old_import_paths_are_the_shared_functions():
 
 
 def test_lr_factor_warms_up_then_steps_exactly_as_before():
-    cfg = TrainConfig.from_params(dict(iterations=100, batch_size=2, lr=0.01, warmup_iters=10, lr_steps=[20, 50]))
+    cfg = train_config(iterations=100, batch_size=2, lr=0.01, warmup_iters=10, lr_steps=[20, 50])
     expected = {
         0: 0.001,
         5: 0.5005,
@@ -57,9 +58,31 @@ def test_lr_factor_warms_up_then_steps_exactly_as_before():
     }
     assert {i: cfg.lr_factor(i) for i in expected} == expected  # exact floats: the lr is in the loss log
     assert {i: schedule.lr_factor(i, 10, [20, 50]) for i in expected} == expected
-    adapt = AdaptConfig.from_params(dict(iterations=100, batch_size=2, lr=0.01, warmup_iters=4))
+    adapt = adapt_config(iterations=100, batch_size=2, lr=0.01, warmup_iters=4)
     assert [adapt.lr_factor(i) for i in range(6)] == [0.001, 0.25075, 0.5005, 0.75025, 1.0, 1.0]
     assert schedule.lr_factor(0, 0) == 1.0 and schedule.lr_factor(3, 0, [3]) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "requirement"),
+    [
+        ("iterations", 0, ">= 1"),
+        ("batch_size", 0, ">= 1"),
+        ("lr", float("inf"), "a positive number"),
+        ("momentum", 1.0, "in [0, 1)"),
+        ("weight_decay", -0.1, ">= 0"),
+        ("warmup_iters", -1, ">= 0"),
+        ("checkpoint_every", 0, ">= 1"),
+    ],
+)
+def test_both_loops_check_the_sgd_keys_alike(key, bad, requirement):
+    """schedule.sgd_checks: one set of checks for pretrain / oracle and adapt, with the messages they had."""
+    for cls, name in ((TrainConfig, "oracle"), (AdaptConfig, "adapt")):
+        with pytest.raises(VspaError) as exc:
+            cls.from_params({**default_section(name), key: bad}, name=name, path="p.yaml")
+        assert str(exc.value) == f"p.yaml: {name}.{key} must be {requirement}, got {bad!r}."
+    keys = [key for _, key, _ in schedule.sgd_checks(train_config())]
+    assert keys == ["iterations", "batch_size", "lr", "momentum", "weight_decay", "warmup_iters", "checkpoint_every"]
 
 
 def test_sgd_with_schedule_applies_the_factor_per_step():
@@ -170,13 +193,13 @@ def test_a_state_written_by_other_code_is_not_resumed(monkeypatch):
     """The package's source is part of the resume fingerprint: after a code change, dvc repro retrains
     instead of "resuming" the previous, completed run and writing its weights again."""
     from vspa.detection import train as train_module
-    from vspa.detection.model import DetectorConfig, build_detector
+    from vspa.detection.model import build_detector
     from vspa.training import state as state_module
 
     digest = state_module.code_digest()
     assert len(digest) == 64 and digest == state_module.code_digest()
-    cfg = train_module.TrainConfig(iterations=1, batch_size=1, lr=0.1)
-    detector = build_detector(DetectorConfig(), 3)
+    cfg = train_config(iterations=1, batch_size=1, lr=0.1)
+    detector = build_detector(detector_config(), 3)
     before = train_module._fingerprint(cfg, detector, "data")
     monkeypatch.setattr(state_module, "code_digest", lambda: "0" * 64)
     assert train_module._fingerprint(cfg, detector, "data") != before

@@ -3,7 +3,6 @@ resumption, and a tiny translate_train -> translate_apply -> evaluate run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,8 +14,11 @@ import yaml
 from vspa.translation.generator import Encoder, Translator, TranslatorConfig, compose, default_nce_layers
 from vspa.translation.local_global import LocalGlobalLoss, grid_patches, info_nce
 from vspa.translation.losses import GANLoss, PatchNCELoss, patch_nce_loss
-from vspa.translation.trainer import TranslateConfig, lr_factor
+from vspa.translation.config import TranslateConfig
+from vspa.translation.trainer import lr_factor
 from vspa.utils import VspaError
+
+from loaders import stage_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -297,19 +299,12 @@ def test_training_resumes_to_the_same_model(tiny_splits, tmp_path, monkeypatch):
     assert header[:3] == ["iteration", "lr", "loss_D"] and "loss_GA_lg" in header
 
 
-def _stage(name: str):
-    """The ``main`` of ``stages/<name>.py``, run in-process (a subprocess would spend seconds importing torch)."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_translate_train_apply_evaluate_stages(tiny_splits, tmp_path):
+    from conftest import detector_config
     from PIL import Image
 
     from vspa.detection import checkpoint
-    from vspa.detection.model import DetectorConfig, build_detector
+    from vspa.detection.model import build_detector
 
     params = tmp_path / "params.yaml"
     params.write_text(
@@ -321,7 +316,7 @@ def test_translate_train_apply_evaluate_stages(tiny_splits, tmp_path):
             }
         )
     )
-    _stage("translate_train")(
+    stage_main("translate_train")(
         params=str(params),
         variant="attention",
         seed=None,
@@ -345,7 +340,7 @@ def test_translate_train_apply_evaluate_stages(tiny_splits, tmp_path):
         assert "lg_gap" not in diag[when]  # no L_GA in this variant
     assert set(diag["losses"]) >= {"loss_D", "loss_G_GAN", "loss_NCE"} and "loss_GA" not in diag["losses"]
 
-    _stage("translate_apply")(
+    stage_main("translate_apply")(
         params=str(params),
         variant="attention",
         data=tiny_splits["target_test"],
@@ -364,9 +359,9 @@ def test_translate_train_apply_evaluate_stages(tiny_splits, tmp_path):
 
     torch.manual_seed(0)
     classes = [c["name"] for c in original["categories"]]
-    det_cfg = DetectorConfig(backbone="small", small_width=8, min_size=96, max_size=192, anchor_sizes=[16, 32, 64])
+    det_cfg = detector_config(backbone="small", small_width=8, min_size=96, max_size=192, anchor_sizes=[16, 32, 64])
     checkpoint.save(tmp_path / "source.pt", build_detector(det_cfg, len(classes)), det_cfg, classes)
-    _stage("evaluate")(
+    stage_main("evaluate")(
         params=str(params),
         model=tmp_path / "source.pt",
         data=out,
@@ -385,7 +380,7 @@ def test_translate_apply_reports_a_missing_or_foreign_model(tiny_splits, tmp_pat
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"translate": {"device": "cpu"}}))
     with pytest.raises(SystemExit) as exit_info:  # the stage: one line on stderr, exit status 2
-        _stage("translate_apply")(
+        stage_main("translate_apply")(
             params=str(params),
             variant="cut",
             data=tiny_splits["target_test"],

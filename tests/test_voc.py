@@ -13,6 +13,8 @@ from vspa.evaluation import coco_ap50, evaluate_detections, voc_ap
 from vspa.evaluation.runner import downsample_curve, run_detector, write_pr_csv
 from vspa.utils import VspaError
 
+from loaders import stage_main
+
 
 def det(boxes, labels, scores):
     return {
@@ -350,27 +352,24 @@ def tiny_split(folder, classes=("car", "person", "truck")):
 
 
 def tiny_checkpoint(path, classes):
+    from conftest import detector_config
+
     from vspa.detection.checkpoint import save
-    from vspa.detection.model import DetectorConfig, build_detector
+    from vspa.detection.model import build_detector
 
     torch.manual_seed(0)
-    cfg = DetectorConfig(min_size=64, max_size=96, small_width=8)
+    cfg = detector_config(min_size=64, max_size=96, small_width=8)
     save(path, build_detector(cfg, len(classes)), cfg, list(classes))
 
 
 def run_evaluate_stage(tmp_path, model, monkeypatch):
     """Run stages/evaluate.py's command in this process (the CLI itself is exercised by the dvc e2e test)."""
-    import importlib.util
     from pathlib import Path
 
     params = tmp_path / "params.yaml"
     params.write_text("evaluate:\n  device: cpu\n  iou: 0.5\n  batch_size: 2\n")
-    path = Path(__file__).resolve().parents[1] / "stages" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("evaluate_stage", path)
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
     monkeypatch.chdir(tmp_path)  # the output folders (those of dvc.yaml) are relative to the project root
-    stage.main(
+    stage_main("evaluate")(
         params=str(params),
         model=model,
         data=tmp_path / "split",

@@ -20,53 +20,54 @@ BG_FORMS = ("paper", "scaled", "confusion")
 OFF_KEYS = ("fg_mode", "bg_mode")  # keys whose value "off" YAML 1.1 reads as false when unquoted
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AdaptConfig:
     """The ``adapt`` params section (with a per-run override section merged over it), parsed by
     :meth:`from_params` (:func:`vspa.config.parse_section`).
 
-    The values are in conf/config.yaml and the scenario presets; a default here is what a params file that
-    omits the key gets.
+    The values are in conf/config.yaml and the scenario presets (composed into params.yaml); a field has a default
+    here only when no conf file states it (tests/test_config_defaults.py). Keyword-only, so the fields keep their
+    order (that of :meth:`record`, the records and the resume fingerprints) whichever have defaults.
     """
 
     iterations: int
     batch_size: int  # source images and target images per iteration (global, split over the processes)
     lr: float
-    seed: int = 0
-    device: str = "auto"
-    momentum: float = 0.9
+    seed: int
+    device: str
+    momentum: float
     weight_decay: float = 1e-4
-    warmup_iters: int = 0
-    ema_keep: float = 0.999
-    tau: float = 0.8
-    lambda_unsup: float = 1.0
-    lambda_img: float = 0.1
-    lambda_fg: float = 0.05
-    lambda_bg: float = 0.05
-    fg_mode: str = "memory"  # memory | inbatch_c2c | inbatch_agnostic | prototype | pairing | off
-    bg_mode: str = "memory"  # memory | off
-    fg_boxes: str = "teacher"  # whose detections (score >= tau) give the target instances: teacher | student
+    warmup_iters: int
+    ema_keep: float
+    tau: float
+    lambda_unsup: float
+    lambda_img: float
+    lambda_fg: float
+    lambda_bg: float
+    fg_mode: str  # memory | inbatch_c2c | inbatch_agnostic | prototype | pairing | off
+    bg_mode: str  # memory | off
+    fg_boxes: str  # whose detections (score >= tau) give the target instances: teacher | student
     # fg_mode memory: the triplet's negative: random (paper) | hard (nearest other-class entry) | both (one of each)
-    fg_negative: str = "both"
-    top_k: int = 1
-    margin: float = 1.5
+    fg_negative: str
+    top_k: int
+    margin: float
     # paper: unit vectors into the discriminator, gradient reversal | scaled: inputs x bg_scale, reversal |
     # confusion: inputs x bg_scale, discriminator on detached features, confusion loss for the features
-    bg_form: str = "scaled"
-    bg_scale: float = 4.0  # scaled / confusion: factor on the unit vectors the background discriminator sees
-    bg_warmup: int = 0  # scaled / confusion: the features' gradient ramps from 0 to lambda_bg over these iterations
-    diag_every: int = 25  # gradient share of each loss term every N iterations (0 = never)
+    bg_form: str
+    bg_scale: float  # scaled / confusion: factor on the unit vectors the background discriminator sees
+    bg_warmup: int  # scaled / confusion: the features' gradient ramps from 0 to lambda_bg over these iterations
+    diag_every: int  # gradient share of each loss term every N iterations (0 = never)
     disc_full_rate: bool = True  # discriminators learn at the full rate; lambda scales the reversed gradient
     img_disc_width: int = 64
     source_strong: bool = True  # supervised loss also on the strong source view (Adaptive Teacher)
     align_view: str = "weak"  # target view of the discriminators and the fg/bg features: weak | strong
-    refresh_every: int = 0  # 0: never refresh the memory
-    refresh_model: str = "student"  # student | teacher
-    checkpoint_every: int = 50
+    refresh_every: int  # 0: never refresh the memory
+    refresh_model: str  # student | teacher
+    checkpoint_every: int
     # also keep the teacher every N iterations as work_dir/teacher_<N>.pt (0 = never): for choosing the iteration
     # budget on target validation from one run (benchmarks/bench_rows.py evaluates them); recorded only when on
     snapshot_every: int = 0
-    amp: bool = False  # mixed precision (autocast + gradient scaling; for CUDA): vspa.training.precision
+    amp: bool  # mixed precision (autocast + gradient scaling; for CUDA): vspa.training.precision
     # fg_mode pairing only (the AugSim -> FoggyAugSim experiment; see vspa.adaptation.pairing)
     pairing_mode: str = "exact"  # exact | color | flip | color_flip: what a target object's positive differs in
     pairing_original: str = ""  # the original source split folder (every object as it is, variant "none")
@@ -87,12 +88,7 @@ class AdaptConfig:
             return f"one of {', '.join(choices)}"
 
         checks = [  # (ok, key, requirement)
-            (self.iterations >= 1, "iterations", ">= 1"),
-            (self.batch_size >= 1, "batch_size", ">= 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "lr", "a positive number"),
-            (0 <= self.momentum < 1, "momentum", "in [0, 1)"),
-            (self.weight_decay >= 0, "weight_decay", ">= 0"),
-            (self.warmup_iters >= 0, "warmup_iters", ">= 0"),
+            *schedule.sgd_checks(self),
             (0 <= self.ema_keep <= 1, "ema_keep", "in [0, 1]"),
             (0 <= self.tau <= 1, "tau", "in [0, 1]"),
             *[(getattr(self, k) >= 0, k, ">= 0") for k in ("lambda_unsup", "lambda_img", "lambda_fg", "lambda_bg")],
@@ -110,7 +106,6 @@ class AdaptConfig:
             (self.img_disc_width >= 1, "img_disc_width", ">= 1"),
             (self.refresh_every >= 0, "refresh_every", ">= 0 (0 = never)"),
             (self.refresh_model in REFRESH_MODELS, "refresh_model", one_of(REFRESH_MODELS)),
-            (self.checkpoint_every >= 1, "checkpoint_every", ">= 1"),
             (self.snapshot_every >= 0, "snapshot_every", ">= 0 (0 = never)"),
             (self.pairing_mode in PAIRING_MODES, "pairing_mode", one_of(PAIRING_MODES)),
         ]

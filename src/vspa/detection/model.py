@@ -33,20 +33,22 @@ EMBED_DIM = 1024
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DetectorConfig:
     """Everything that defines the detector's structure (the ``model:`` params section, parsed by
     :meth:`from_params` / :func:`vspa.config.parse_section`).
 
-    conf/config.yaml and the scenario presets set some keys (params.yaml holds them); every other key may be
-    added to the ``model:`` section (or a preset) to override its default here.
+    The values are in conf/config.yaml and the scenario presets (composed into params.yaml); a field has a default
+    here only when no conf file states it (tests/test_config_defaults.py), and such a key may be added to the
+    ``model:`` section (or a preset) to override it. Keyword-only, so the fields keep their order (that of
+    :meth:`to_dict`, stored in every checkpoint) whichever have defaults.
     """
 
-    backbone: str = "small"
-    pretrained_weights: str | None = None
-    from_scratch: bool = False  # real-data presets: train an ImageNet backbone from random weights on purpose
-    min_size: int = 160  # resize: shorter side
-    max_size: int = 320  # resize: longer side at most
+    backbone: str
+    pretrained_weights: str | None
+    from_scratch: bool  # real-data presets: train an ImageNet backbone from random weights on purpose
+    min_size: int  # resize: shorter side
+    max_size: int  # resize: longer side at most
     small_width: int = 16  # base width of the 'small' backbone (output channels = 4x)
     anchor_sizes: list[int] | None = None  # None: the backbone's default (backbones.DEFAULT_ANCHOR_SIZES)
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 3.0])  # height / width
@@ -57,7 +59,7 @@ class DetectorConfig:
     rpn_batch_size_per_image: int = 256
     rpn_fg_iou_thresh: float = 0.5  # anchors with IoU >= this are RPN positives (torchvision: 0.7)
     rpn_bg_iou_thresh: float = 0.3  # ... and < this negatives
-    box_batch_size_per_image: int = 64
+    box_batch_size_per_image: int
     box_detections_per_img: int = 100
     box_score_thresh: float = 0.0  # keep everything: evaluation wants the full precision/recall curve
     box_nms_thresh: float = 0.5
