@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from smoke_real import project_copy, smoke_params  # noqa: E402
+from smoke_real import project_copy, repo_env, smoke_params  # noqa: E402
 from vspa.config import load_preset  # noqa: E402
 from vspa.data.smoke import SCENARIOS, write_fixture, write_random_weights  # noqa: E402
 from vspa.utils import VspaError, run_stage, write_json_atomic, write_text_atomic  # noqa: E402
@@ -98,15 +98,7 @@ def run_scenario(scenario: str, work: Path, iterations: int, threads: int, adapt
     if scenario == "sim10k_cityscapes":
         params["prepare"]["splits"]["source_test"]["sample"] = batch["pretrain"]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(
-        os.environ,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=str(repo / "src"),
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-    )
+    env = repo_env(repo, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log = work / f"{scenario}.log"
     for cmd in (
         ["git", "init", "-q"],

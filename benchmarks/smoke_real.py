@@ -77,6 +77,19 @@ def smoke_params(scenario: str, data_root: Path, weights: Path, iterations: int,
     return _merge(compose(ROOT / "conf", [f"scenario={scenario}"]), over)  # what `-S scenario=...` composes
 
 
+def repo_env(repo: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `dvc repro` in the copy ``repo``: this interpreter's tools first on PATH, its own
+    ``src`` importable, no DVC analytics, unbuffered output; ``extra`` added."""
+    return dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(repo / "src"),
+        **extra,
+    )
+
+
 def project_copy(repo: Path) -> Path:
     """A new folder ``repo`` with this project's dvc.yaml, ignore files, stages/ and src/ (what a stage runs)."""
     repo.mkdir(parents=True)
@@ -96,13 +109,7 @@ def run_scenario(scenario: str, work: Path, iterations: int, device: str) -> dic
     fixture_seconds = time.perf_counter() - start
     params = smoke_params(scenario, data_root, weights, iterations, device)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(
-        os.environ,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=str(repo / "src"),
-    )
+    env = repo_env(repo)
     log = work / f"{scenario}.log"
     with open(log, "w") as f:
         for cmd in (

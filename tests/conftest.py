@@ -71,6 +71,40 @@ def train_config(name: str = "pretrain", **overrides):
     return TrainConfig.from_params({**default_section(name), **overrides}, name=name)
 
 
+TINY_DETECTOR = dict(  # a small-backbone detector at 64-128 pixels: seconds per test on the CPU
+    backbone="small",
+    small_width=8,
+    min_size=64,
+    max_size=128,
+    anchor_sizes=[16, 32, 64],
+    aspect_ratios=[0.5, 1.0],
+    rpn_pre_nms_top_n_test=200,
+    rpn_post_nms_top_n_test=100,
+)
+
+TINY_TRANSLATOR = dict(  # a translator of a few tiny iterations: checks the plumbing, not the quality
+    iterations=4,
+    crop_height=32,
+    crop_width=64,
+    ngf=4,
+    n_blocks=1,
+    n_content=2,
+    ndf=8,
+    num_patches=16,
+    queue_size=8,
+    momentum=0.9,
+    ga_warmup=2,
+    seed=0,
+    device="cpu",
+    checkpoint_every=2,
+)
+
+
+def translate_section(tiny: bool = False, **overrides) -> dict:
+    """The default ``translate`` section (with :data:`TINY_TRANSLATOR`'s sizes when ``tiny``) and ``overrides``."""
+    return {**default_section("translate"), **(TINY_TRANSLATOR if tiny else {}), **overrides}
+
+
 class Killed(Exception):
     """Raised by :class:`DiesAfter`: stands for a process killed mid-run (resume tests)."""
 

@@ -6,23 +6,14 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from conftest import default_section, detector_config
+from conftest import TINY_DETECTOR, default_section, detector_config
 
 from vspa.detection import checkpoint
 from vspa.detection.backbones import DEFAULT_ANCHOR_SIZES
 from vspa.detection.model import LOSS_NAMES, DetectorConfig, build_detector
 from vspa.utils import VspaError
 
-TINY = dict(
-    backbone="small",
-    small_width=8,
-    min_size=64,
-    max_size=128,
-    anchor_sizes=[16, 32, 64],
-    aspect_ratios=[0.5, 1.0],
-    rpn_pre_nms_top_n_test=200,
-    rpn_post_nms_top_n_test=100,
-)
+TINY = TINY_DETECTOR
 
 
 def tiny_detector(num_classes: int = 2, seed: int = 0):

@@ -10,26 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import default_section, detector_config, train_config
+from conftest import TINY_DETECTOR, default_section, detector_config, train_config
 
 from vspa.detection.model import build_detector
 from vspa.detection.train import CSV_COLUMNS, TrainConfig, global_batch, train_detector
 from vspa.utils import VspaError
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = dict(
-    backbone="small",
-    small_width=8,
-    min_size=64,
-    max_size=128,
-    anchor_sizes=[16, 32, 64],
-    aspect_ratios=[0.5, 1.0],
-    rpn_pre_nms_top_n_train=200,
-    rpn_post_nms_top_n_train=100,
-    rpn_pre_nms_top_n_test=200,
-    rpn_post_nms_top_n_test=100,
-    box_batch_size_per_image=32,
-)
+TINY_MODEL = dict(TINY_DETECTOR, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, box_batch_size_per_image=32)
 
 
 class TinyDataset(torch.utils.data.Dataset):

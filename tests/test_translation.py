@@ -18,6 +18,7 @@ from vspa.translation.config import TranslateConfig
 from vspa.translation.trainer import lr_factor
 from vspa.utils import VspaError
 
+from conftest import translate_section
 from loaders import stage_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,14 +197,9 @@ def test_local_global_needs_attention():
 # --------------------------------------------------------------------------- config
 
 
-def translate_params(**overrides) -> dict:
-    """The committed params.yaml's translate section (the composition of conf/) with ``overrides``."""
-    return {**yaml.safe_load((ROOT / "params.yaml").read_text())["translate"], **overrides}
-
-
 def test_translate_config_validation():
     # parsed by vspa.config.parse_section: every key but variant is required (its value is in conf/config.yaml)
-    base = translate_params()
+    base = translate_section()
     assert TranslateConfig.from_params(base).variant == "attention_lg"  # the default: not in params.yaml
     with pytest.raises(VspaError, match="translate.lr is not set"):
         TranslateConfig.from_params({**base, "lr": None})
@@ -235,25 +231,7 @@ def test_lr_factor_is_constant_then_linear():
 
 # --------------------------------------------------------------------------- training, resumption, stages
 
-STAGE_PARAMS = translate_params(  # a few tiny iterations: checks the plumbing, not the quality
-    variant="attention_lg",
-    iterations=4,
-    batch_size=1,
-    lr=2e-4,
-    crop_height=32,
-    crop_width=64,
-    ngf=4,
-    n_blocks=1,
-    n_content=2,
-    ndf=8,
-    num_patches=16,
-    queue_size=8,
-    momentum=0.9,
-    ga_warmup=2,
-    seed=0,
-    device="cpu",
-    checkpoint_every=2,
-)
+STAGE_PARAMS = translate_section(tiny=True, variant="attention_lg", batch_size=1, lr=2e-4)
 
 
 @pytest.fixture(scope="module")

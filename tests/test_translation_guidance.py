@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
 from vspa.translation.diagnostics import attention_stats, box_mask, gradient_norms, lg_separation
 from vspa.translation.generator import Translator, TranslatorConfig, init_mask_head
@@ -17,6 +16,8 @@ from vspa.translation.local_global import LocalGlobalLoss, RunningStandardize
 from vspa.translation.config import TranslateConfig
 from vspa.translation.data import image_paths, read_image
 from vspa.translation.trainer import TranslationModels, ga_weight
+
+from conftest import translate_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +30,6 @@ def crops(tiny_benchmark) -> torch.Tensor:
     """8 different 32x64 crops of real images: the 6 target training images and 2 source ones (96x192)."""
     paths = image_paths(tiny_benchmark / "target_train") + image_paths(tiny_benchmark / "source_train")[:2]
     return torch.stack([read_image(p)[:, 16:48, 32:96] for p in paths])
-
-
-def params_section(**overrides) -> dict:
-    return {**yaml.safe_load((ROOT / "params.yaml").read_text())["translate"], **overrides}
 
 
 # --------------------------------------------------------------------------- attention masks
@@ -149,7 +146,7 @@ def test_local_global_gradient_does_not_swamp_patchnce_at_init(tiny_benchmark):
     from vspa.translation.data import UnpairedImages, training_batch, views_generator
     from vspa.translation.trainer import prime_local_global
 
-    cfg = TranslateConfig.from_params(params_section(variant="attention_lg", queue_size=32, device="cpu"))
+    cfg = TranslateConfig.from_params(translate_section(variant="attention_lg", queue_size=32, device="cpu"))
     crop = (cfg.crop_height, cfg.crop_width)
     targets = UnpairedImages(tiny_benchmark / "target_train", crop, cfg.size_multiple)
     sources = UnpairedImages(tiny_benchmark / "source_train", crop, cfg.size_multiple)
@@ -173,24 +170,7 @@ def test_attention_lg_run_writes_diagnostics_and_resumes_to_them(tiny_benchmark,
 
     from vspa.translation import trainer
 
-    cfg = TranslateConfig.from_params(
-        params_section(
-            variant="attention_lg",
-            iterations=4,
-            crop_height=32,
-            crop_width=64,
-            ngf=4,
-            n_blocks=1,
-            n_content=2,
-            ndf=8,
-            num_patches=16,
-            queue_size=8,
-            momentum=0.9,
-            ga_warmup=2,
-            device="cpu",
-            checkpoint_every=2,
-        )
-    )
+    cfg = TranslateConfig.from_params(translate_section(tiny=True, variant="attention_lg"))
     args = (tiny_benchmark / "target_train", tiny_benchmark / "source_train")
     trainer.train_translator(
         cfg,

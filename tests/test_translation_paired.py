@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from vspa.translation import trainer
 from vspa.translation import data as translation_data
 from vspa.translation.config import VARIANTS, TranslateConfig
 from vspa.translation.data import UnpairedImages, training_batch, views_generator
 from vspa.translation.trainer import TranslationModels
+
+from conftest import translate_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,25 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_cfg(variant: str, **overrides) -> TranslateConfig:
-    section = {
-        **yaml.safe_load((ROOT / "params.yaml").read_text())["translate"],
-        "variant": variant,
-        "iterations": 3,
-        "crop_height": 32,
-        "crop_width": 64,
-        "ngf": 4,
-        "n_blocks": 1,
-        "n_content": 2,
-        "ndf": 8,
-        "num_patches": 16,
-        "queue_size": 4,
-        "momentum": 0.9,
-        "ga_warmup": 2,
-        "seed": 0,
-        "device": "cpu",
-        "checkpoint_every": 100,
-        **overrides,
-    }
+    section = translate_section(
+        tiny=True, variant=variant, **{"iterations": 3, "queue_size": 4, "checkpoint_every": 100, **overrides}
+    )
     return TranslateConfig.from_params(section)
 
 

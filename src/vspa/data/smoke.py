@@ -24,21 +24,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vspa.data.importers.cityscapes import CITYSCAPES_LABEL_IDS as CITYSCAPES_IDS
+
 CITYSCAPES_SIZE = (2048, 1024)
 SIM10K_SIZE = (1914, 1052)
 VOC_SIZE = (500, 375)
 COMIC_SIZE = (640, 480)
 FOG_BETAS = ("0.005", "0.01", "0.02")
-CITYSCAPES_IDS = {
-    "person": 24,
-    "rider": 25,
-    "car": 26,
-    "truck": 27,
-    "bus": 28,
-    "train": 31,
-    "motorcycle": 32,
-    "bicycle": 33,
-}
 COMIC_CLASSES = ("bicycle", "bird", "car", "cat", "dog", "person")
 SCENARIOS = ("cityscapes_foggy", "sim10k_cityscapes", "voc_comic2k")
 
