@@ -53,7 +53,7 @@ params: $(STAMP)
 # run made from it), two seed chains at a time, each process pinned to one thread; paired differences with 95%
 # intervals in reports/bench/rows/rows.md. Slow (about 15 min per seed of the core rows on 2 cores, 25 with the
 # extra rows); resumable: a seed whose metrics are committed is not run again. SEEDS / EXTRA_SEEDS to change.
-SEEDS ?= 0-11
+SEEDS ?= 0-17
 EXTRA_SEEDS ?= 0-2
 bench: $(STAMP)
 	@test -d .dvc || $(BIN)/dvc init --quiet
