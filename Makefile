@@ -71,8 +71,9 @@ bench-diversity: $(STAMP)
 
 # Measured CPU seconds per iteration, peak RSS, extraction rows/s and checkpoint sizes of each real-data preset
 # at its real image size and batch (smoke fixtures, random backbones) -> reports/bench/real_scale.md.
+# ADAPT_BATCH=2: adaptation at 2+2 images (the committed table; 4+4 needs more than this 24 GB machine).
 real-scale: $(STAMP)
-	$(BIN)/python benchmarks/real_scale.py
+	$(BIN)/python benchmarks/real_scale.py $(if $(ADAPT_BATCH),--adapt-batch $(ADAPT_BATCH),)
 
 # On a GPU node, before a long run: every training stage for 30 iterations on CUDA (finite losses, seconds per
 # iteration, peak GPU memory) -> reports/bench/gpu_check/gpu_check.md. `make gpu-check AMP=1`: mixed precision.

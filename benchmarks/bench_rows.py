@@ -394,7 +394,7 @@ def write_tables(results: dict[int, dict], out: Path, meta: dict) -> dict:
             for n in [*(x for x in names if x.startswith(f"{r}@")), f"{r}@final"]
         ]
         summary = seedstats.summarise(finals, rows_b, [])
-        for r in {n.split("@")[0] for n in names}:
+        for r in [r for r in ORDER if any(n.startswith(f"{r}@") for n in names)]:  # fixed order, not a set's
             ref = summary["rows"].get(f"{r}@final")
             if ref:
                 for n in (x for x in names if x.startswith(f"{r}@")):

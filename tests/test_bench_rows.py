@@ -157,3 +157,41 @@ def test_code_summary_groups_seeds_by_commit(tmp_path):
         "seeds 0, 1 at aaaaaaa; seed 2 at bbbbbbb (tree differed); seed 3 at unknown"
     )
     assert bench.code_version()["commit"] != "unknown"
+
+
+_WRITE_TABLES = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from loaders import load_script
+bench = load_script("benchmarks/bench_rows.py")
+out = Path(sys.argv[1])
+results = {{}}
+for s in (0, 1, 2):
+    m = lambda v: {{"mAP": v, "AP": {{"car": v}}}}
+    rows = {{"fair_source": m(30.0 + s), "at_like": m(40.0 + 2 * s), "vspa": m(42.0 + s * s)}}
+    budget = {{f"{{r}}@{{i}}": m(v.get("mAP") - 600 / i + s) for r, v in rows.items() for i in (200, 400)}}
+    results[s] = {{"test": rows, "val": rows, "budget": budget}}
+meta = {{"command": "t", "jobs": 1, "threads": 1, "machine": "m", "torch": "t"}}
+bench.write_tables(results, out, meta)
+"""
+
+
+def test_budget_table_is_the_same_under_any_hash_seed(tmp_path):
+    """budget_val.md lists its reference sections in the rows' fixed order: it once iterated a set of strings, so
+    two runs of the same seeds (other PYTHONHASHSEED) wrote the sections in another order."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "write.py"
+    script.write_text(_WRITE_TABLES.format(tests=str(ROOT / "tests")))
+    texts = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"out{hash_seed}"
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed, MPLBACKEND="Agg")
+        subprocess.run([sys.executable, str(script), str(out)], check=True, env=env, cwd=ROOT)
+        texts.append((out / "budget_val.md").read_text())
+    assert texts[0] == texts[1]
+    refs = [line.split("**")[1] for line in texts[0].splitlines() if line.startswith("Paired mAP difference")]
+    assert refs == ["fair_source@final", "at_like@final", "vspa@final"]
