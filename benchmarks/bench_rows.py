@@ -16,9 +16,11 @@ background only, oracle) for the seeds of ``--extra-seeds`` only.
 Output (``--out``): ``rows.json`` and ``rows.md`` (per row: mean ± std and per-seed mAP; for every row against
 AT-like and against fair source only: the paired mean difference, its 95% Student-t interval and the verdict
 "shown" / "not shown"), the same on target validation in ``rows_val.md``, and ``diffs.png`` (per-seed
-differences). Tables are written after every finished seed.
+differences), ``budget_val.md`` (each adaptation run's teacher every ``--snapshot-every`` iterations, on
+validation), and per seed ``seed<S>/``: ``params.yaml``, ``code.json`` (the commit), ``seconds.json``,
+``diagnostics/`` (teacher drift) and the metrics. Tables are written after every finished seed.
 
-    python benchmarks/bench_rows.py --seeds 0-9 --extra-seeds 0-2 [--jobs 2 --threads 1]
+    python benchmarks/bench_rows.py --seeds 0-17 --extra-seeds 0-2 [--jobs 2 --threads 1] [--snapshot-every 200]
 """
 
 from __future__ import annotations
@@ -413,7 +415,7 @@ def write_tables(results: dict[int, dict], out: Path, meta: dict) -> dict:
 
 
 def main(
-    seeds: str = typer.Option("0-9", help="Seeds of the core rows: '0-9' or '0,1,2'."),
+    seeds: str = typer.Option("0-17", help="Seeds of the core rows: '0-17' or '0,1,2' (make bench: SEEDS)."),
     extra_seeds: str = typer.Option("0-2", help="Seeds that also run the extra rows."),
     rows: str = typer.Option("source_on_target,fair_source,at_like,vspa", help="Core rows (every seed)."),
     extra_rows: str = typer.Option("mila_like,bg_only,oracle_on_target", help="Extra rows (--extra-seeds only)."),

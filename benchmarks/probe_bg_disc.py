@@ -5,7 +5,7 @@ Offline probe behind the README's "Does the alignment act?": the background feat
 train (extracted here), L2-normalised as in training. A fresh ``FeatureDiscriminator`` is trained as the
 adaptation trainer trains it (SGD lr 0.01, momentum 0.9, weight decay 1e-4, 2 source + 2 target samples per
 step, each target paired with its nearest memory entry), with the inputs multiplied by ``scale``; held-out
-accuracy (the last 100 images of each domain, never trained on) every 100 steps, mean loss per 100 steps.
+accuracy (the last 100 target images, never trained on, each with its nearest training-source entry) every 100 steps, mean loss per 100 steps.
 No detector update: this isolates the discriminator's own learning speed.
 
     python benchmarks/probe_bg_disc.py      # -> reports/bench/bg_disc_probe.{json,md}, about 1 min on 1 thread
@@ -89,8 +89,8 @@ def main() -> None:
         "",
         f"Source-model background features, source train vs target train; cosine of the domain means "
         f"{cosine_of_means:.3f}. Discriminator trained alone (no detector update), 2 + 2 samples per step, each "
-        "target paired with its nearest source entry; held-out: the last 100 images of each domain. Loss 1.386 = "
-        "chance.",
+        "target paired with its nearest source entry; held-out: the last 100 target images with their nearest "
+        "training-source entries. Loss 1.386 = chance.",
         "",
         "| input scale | mean loss, steps 1-100 / 101-200 / 201-300 / ... | held-out accuracy at 100 / 200 / 300 / ... |",
         "|---:|---|---|",

@@ -4,7 +4,7 @@ memory extraction rows/s, checkpoint sizes -> ``reports/bench/real_scale.{json,m
 For every scenario, in a temporary git + DVC repository set up as ``make smoke-real`` does (the preset's real
 folder layout and image size from :func:`vspa.data.smoke.write_fixture`, a randomly initialised backbone of the
 preset's architecture, this project's ``dvc.yaml``): ``pretrain`` and ``adapt@vspa`` run at the preset's own
-batch size (4 source + 4 target images per iteration) for 1 and then for ``--iterations`` iterations, each from
+batch size (4 source + 4 target images per iteration; ``--adapt-batch 2`` for 2 + 2, as the committed table) for 1 and then for ``--iterations`` iterations, each from
 scratch (``dvc repro -s``), inside a wrapper process that reads its children's ``getrusage``. Seconds per
 iteration = (CPU seconds of the long run - CPU seconds of the 1-iteration run) / (iterations - 1), so the start
 (imports, model build, data index, memory load) cancels out; CPU seconds (user + system), not wall time, so the
@@ -15,7 +15,7 @@ the stage's own timer. Checkpoint sizes: the files the stages wrote.
 The figures are measured, not scaled: nothing here multiplies a small-image time up to the real size. What a
 GPU node will take is not measured here (see ``make gpu-check``).
 
-    python benchmarks/real_scale.py [--scenarios cityscapes_foggy] [--iterations 3] [--threads 1]
+    python benchmarks/real_scale.py [--scenarios cityscapes_foggy] [--iterations 3] [--threads 1] [--adapt-batch 2]
 """
 
 from __future__ import annotations

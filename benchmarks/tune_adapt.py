@@ -8,7 +8,7 @@ gives the same numbers. Output: ``reports/bench/tuning/results.{json,md}`` (mAP 
 and each run's diagnostics: discriminator accuracy, active triplets, gradient shares).
 
     python benchmarks/tune_adapt.py                       # every variant below
-    python benchmarks/tune_adapt.py --only vspa_paper,bg_fixed
+    python benchmarks/tune_adapt.py --only vspa_paper,bg_scaled4_both   # a subset; --seed 1 for the second seed
 """
 
 from __future__ import annotations

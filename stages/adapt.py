@@ -1,6 +1,6 @@
 """Stage adapt: mean-teacher adaptation with memory-based foreground/background alignment (one run).
 
-Reads params: model.*, adapt.* and, when present, the override section ``adapt_<name>`` (its non-null keys
+Reads params: scenario, adapt.* and, when present, the override section ``adapt_<name>`` (its non-null keys
 replace those of ``adapt``), so dvc.yaml can run several variants from this module, e.g.
 ``--name at_like`` (section ``adapt_at_like``: fg_mode off, bg_mode off) and ``--name vspa``. ``--seed``
 overrides ``adapt.seed`` (one run per seed without one section per seed).
@@ -56,7 +56,9 @@ def main(
     target: Path = typer.Option(..., help="Unlabelled target split folder; in dvc.yaml: data/benchmark/target_train."),
     memory: Path = typer.Option(..., help="Memory file (read only if used); in dvc.yaml: models/memory/subsampled.h5."),
     out: Path = typer.Option(..., help="Output folder; in dvc.yaml: models/adapt/<name>."),
-    log_dir: Path = typer.Option(..., help="Folder of losses.csv and summary.json; in dvc.yaml: reports/adapt/<name>."),
+    log_dir: Path = typer.Option(
+        ..., help="Losses, summary, diagnostics and gradient-share logs; in dvc.yaml: reports/adapt/<name>."
+    ),
     seed: int = typer.Option(None, help="Overrides adapt.seed (default: the params' seed)."),
 ) -> None:
     def body() -> None:

@@ -1,9 +1,10 @@
 """Stage translate_apply: translate the target test images into the source style with one variant.
 
-Writes ``<out-dir>/<variant>/<split name>/`` (in dvc.yaml: ``data/translated/<variant>/target_test``): the
+Writes ``<out-dir>/<variant>/<split name>/`` (in dvc.yaml: ``data/translated/seed<S>/<variant>/target_test``): the
 translated images and a copy of ``annotations.json`` with the same ids, so that
-``python stages/evaluate.py --model models/source/model.pt --data data/translated/<variant>/target_test
---name translate_<variant>`` measures the frozen source detector on them. Reads params: translate.device.
+``python stages/evaluate.py --model models/source/model.pt --data data/translated/seed<S>/<variant>/target_test
+--name translate_<variant>_s<S>`` measures the frozen source detector on them. Reads params: translate.device
+(and translate.variant when ``--variant`` is not given).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from vspa.utils import VspaError, get_device, run_stage
 
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
-    variant: Optional[str] = typer.Option(None, help="cut | attention | attention_lg (default: translate.variant)."),
+    variant: Optional[str] = typer.Option(
+        None, help="cut | attention | attention_lg (default: translate.variant if set, else attention_lg)."
+    ),
     data: Path = typer.Option(..., help="Split to translate; in dvc.yaml: data/benchmark/target_test."),
     models_dir: Path = typer.Option(
-        ..., help="The translator is <models-dir>/<variant>/model.pt; in dvc.yaml: models/translator."
+        ..., help="The translator is <models-dir>/<variant>/model.pt; in dvc.yaml: models/translator/seed<S>."
     ),
     out_dir: Path = typer.Option(
-        ..., help="Output: <out-dir>/<variant>/<name of --data>; in dvc.yaml: data/translated."
+        ..., help="Output: <out-dir>/<variant>/<name of --data>; in dvc.yaml: data/translated/seed<S>."
     ),
 ) -> None:
     def body() -> None:

@@ -27,7 +27,9 @@ from vspa.utils import run_stage
 
 def main(
     params: str = typer.Option("params.yaml", help="Params file."),
-    variant: Optional[str] = typer.Option(None, help="cut | attention | attention_lg (default: translate.variant)."),
+    variant: Optional[str] = typer.Option(
+        None, help="cut | attention | attention_lg (default: translate.variant if set, else attention_lg)."
+    ),
     seed: Optional[int] = typer.Option(None, help="Overrides translate.seed (dvc.yaml runs seeds 0-2 per variant)."),
     target: Path = typer.Option(
         ..., help="Target split (images to translate); in dvc.yaml: data/benchmark/target_train."
@@ -35,9 +37,11 @@ def main(
     source: Path = typer.Option(
         ..., help="Source split (the style to reach); in dvc.yaml: data/benchmark/source_train."
     ),
-    out_dir: Path = typer.Option(..., help="Models go to <out-dir>/<variant>/; in dvc.yaml: models/translator."),
+    out_dir: Path = typer.Option(
+        ..., help="Models go to <out-dir>/<variant>/; in dvc.yaml: models/translator/seed<S>."
+    ),
     reports_dir: Path = typer.Option(
-        ..., help="Loss CSV, grid PNG and diagnostics JSON folder; in dvc.yaml: reports/translate."
+        ..., help="Loss CSV, grid PNG and diagnostics JSON folder; in dvc.yaml: reports/translate/seed<S>."
     ),
 ) -> None:
     def body() -> None:
