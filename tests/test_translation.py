@@ -227,6 +227,19 @@ def test_lr_factor_is_constant_then_linear():
     factors = [lr_factor(s, 10) for s in range(10)]
     assert factors[:6] == [1.0] * 6
     assert factors[6:] == pytest.approx([1 - k / 6 for k in range(1, 5)])
+    # the default fraction 0.5 is the schedule of before the knob (iterations // 2), for odd counts too
+    assert [lr_factor(s, 7, 0.5) for s in range(7)] == pytest.approx([1, 1, 1, 1, 1 - 1 / 5, 1 - 2 / 5, 1 - 3 / 5])
+    # constant for 80% of 10 steps: decay starts at step 8, over n = 2 steps down to 1 / (n + 1)
+    assert [lr_factor(s, 10, 0.8) for s in range(10)] == pytest.approx([1] * 9 + [1 - 1 / 3])
+    assert [lr_factor(s, 4, 0.0) for s in range(4)] == pytest.approx([1, 0.8, 0.6, 0.4])  # decays from the start
+
+
+def test_lr_decay_start_is_used_and_checked():
+    base = translate_section()
+    assert TranslateConfig.from_params({**base, "lr_decay_start": 0.8}).lr_decay_start == 0.8
+    for bad in (1.0, -0.1):
+        with pytest.raises(VspaError, match=r"translate.lr_decay_start must be in \[0, 1\)"):
+            TranslateConfig.from_params({**base, "lr_decay_start": bad})
 
 
 # --------------------------------------------------------------------------- training, resumption, stages
@@ -243,7 +256,7 @@ def tiny_splits(tiny_benchmark) -> dict[str, Path]:
 def test_training_resumes_to_the_same_model(tiny_splits, tmp_path, monkeypatch):
     from vspa.translation import trainer
 
-    cfg = TranslateConfig.from_params(STAGE_PARAMS)
+    cfg = TranslateConfig.from_params({**STAGE_PARAMS, "lr_decay_start": 0.25})
     args = (tiny_splits["target_train"], tiny_splits["source_train"])
     straight = trainer.train_translator(
         cfg, *args, tmp_path / "a/model.pt", tmp_path / "a/state.pt", tmp_path / "a/losses.csv", progress=False
@@ -275,6 +288,9 @@ def test_training_resumes_to_the_same_model(tiny_splits, tmp_path, monkeypatch):
     assert (tmp_path / "a/losses.csv").read_text() == (tmp_path / "b/losses.csv").read_text()
     header = (tmp_path / "a/losses.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["iteration", "lr", "loss_D"] and "loss_GA_lg" in header
+    # the schedule follows translate.lr_decay_start: decay from step floor(4 * 0.25) = 1, 1 - (step - 1) / 4
+    lrs = [float(row.split(",")[1]) for row in (tmp_path / "a/losses.csv").read_text().splitlines()[1:]]
+    assert lrs == pytest.approx([2e-4 * f for f in (1.0, 1.0, 0.75, 0.5)])
 
 
 def test_translate_train_apply_evaluate_stages(tiny_splits, tmp_path):

@@ -26,6 +26,7 @@ class TranslateConfig:
     iterations: int
     batch_size: int
     lr: float
+    lr_decay_start: float  # fraction of the run at constant lr; then linear decay to ~0 at the last iteration
     crop_height: int | None  # null (with crop_width null): whole images
     crop_width: int | None
     ngf: int
@@ -81,6 +82,7 @@ class TranslateConfig:
             ],
             (self.ga_warmup >= 0, "ga_warmup", ">= 0"),
             (0.0 <= self.momentum < 1.0, "momentum", "in [0, 1)"),
+            (0.0 <= self.lr_decay_start < 1.0, "lr_decay_start", "in [0, 1)"),
             (self.seed >= 0, "seed", ">= 0"),
         ]
         for ok, key, requirement in checks:

@@ -19,8 +19,8 @@ iterations before it drew (resuming needs no RNG state).
 Before the first step of ``attention_lg``, L_GA's queues and feature statistics are filled from
 ``queue_size`` target crops (:func:`prime_local_global`).
 
-Adam with betas (0.5, 0.99); the learning rate is constant for the first half of the iterations and decays
-linearly to zero over the second half (CUT's 200 + 200 epochs). Training resumes from an atomically written
+Adam with betas (0.5, 0.99); the learning rate is constant for the first ``lr_decay_start`` fraction of the
+iterations and decays linearly to zero over the rest (0.5: CUT's 200 + 200 epochs). Training resumes from an atomically written
 state file (models, optimisers, scheduler, queues, feature statistics, loss history) when its fingerprint
 (config, data and the package's code) matches; anything else starts afresh (:mod:`vspa.training.state`).
 The run ends with the diagnostics of :mod:`vspa.translation.diagnostics` (mask entropy, background mask on
@@ -128,9 +128,10 @@ class TranslationModels(torch.nn.Module):
         return params
 
 
-def lr_factor(step: int, iterations: int) -> float:
-    """1 for the first half of training, then linearly down to ``1 / (n + 1)`` at the last step."""
-    decay_start = iterations // 2
+def lr_factor(step: int, iterations: int, decay_start_fraction: float = 0.5) -> float:
+    """``1 - max(0, step - d) / (iterations - d + 1)`` with ``d = floor(iterations * decay_start_fraction)``: 1 up
+    to step ``d``, then linearly towards 0 (0.5: the first half constant, CUT's schedule; 0.0: decay throughout)."""
+    decay_start = int(iterations * decay_start_fraction)
     return 1.0 - max(0, step - decay_start) / (iterations - decay_start + 1)
 
 
@@ -269,7 +270,7 @@ def train_translator(
     gan = GANLoss(cfg.gan_mode)
     opt_g = torch.optim.Adam(models.generator_parameters(), lr=cfg.lr, betas=ADAM_BETAS)
     opt_d = torch.optim.Adam(models.discriminator.parameters(), lr=cfg.lr, betas=ADAM_BETAS)
-    schedule = lambda step: lr_factor(step, cfg.iterations)  # noqa: E731
+    schedule = lambda step: lr_factor(step, cfg.iterations, cfg.lr_decay_start)  # noqa: E731
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, schedule)
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, schedule)
     start, history, init_diag = 0, [], None
