@@ -61,6 +61,20 @@ def test_scenario_and_key_overrides_compose_together():
     assert compose(CONF, ["scenario=synth_fog", "adapt.iterations=7"])["adapt"]["iterations"] == 7
 
 
+def test_translate_paper_size_is_a_group_option_that_composes_with_scenario_and_keys():
+    from vspa.translation.config import TranslateConfig
+
+    default = compose(CONF)["translate"]
+    paper = compose(CONF, ["scenario=cityscapes_foggy", "translate=paper", "translate.iterations=5000"])
+    assert paper["scenario"] == "cityscapes_foggy" and paper["model"]["backbone"] == "vgg16"
+    t = paper["translate"]
+    assert (t["ngf"], t["n_blocks"], t["ndf"], t["queue_size"], t["lr"]) == (64, 9, 64, 4096, 1e-5)
+    assert t["iterations"] == 5000 and (t["crop_height"], t["crop_width"]) == (256, 512)
+    assert t["lambda_ga"] == default["lambda_ga"] and t.keys() == default.keys()  # only sizes change
+    assert (default["ngf"], default["n_blocks"]) == (16, 2)  # the committed CPU budget is not the paper's
+    TranslateConfig.from_params(t)  # valid as a whole
+
+
 def test_unknown_scenario_is_a_clear_error():
     from vspa.utils import VspaError
 

@@ -27,8 +27,9 @@ The run ends with the diagnostics of :mod:`vspa.translation.diagnostics` (mask e
 and off the objects, L_GA's view separation, gradient norms at initialisation) and the loss summary, written
 as a small JSON (dvc metrics).
 
-Default sizes train on a CPU in minutes; the paper's sizes for GPU nodes: ngf 64, n_blocks 9, n_content 9,
-ndf 64, crop 256x512 or larger, batch_size 1, lr 1e-5 (2e-4 for short runs), queue_size 4096, momentum 0.999.
+Default sizes train on a CPU in minutes; the paper's sizes for GPU nodes are the ``translate`` config group's
+``paper`` option (``conf/translate/paper.yaml``: ``dvc exp run -S translate=paper``): ngf 64, n_blocks 9,
+ndf 64, crops 256x512, lr 1e-5, queue_size 4096, momentum 0.999.
 """
 
 from __future__ import annotations
