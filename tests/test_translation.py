@@ -229,7 +229,7 @@ def test_lr_factor_is_constant_then_linear():
     assert factors[6:] == pytest.approx([1 - k / 6 for k in range(1, 5)])
     # the default fraction 0.5 is the schedule of before the knob (iterations // 2), for odd counts too
     assert [lr_factor(s, 7, 0.5) for s in range(7)] == pytest.approx([1, 1, 1, 1, 1 - 1 / 5, 1 - 2 / 5, 1 - 3 / 5])
-    # constant for 80% of 10 steps: decay starts at step 8, over n = 2 steps down to 1 / (n + 1)
+    # constant for 80% of 10 steps: 1 up to step 8, then 1 - 1 / 3 at step 9
     assert [lr_factor(s, 10, 0.8) for s in range(10)] == pytest.approx([1] * 9 + [1 - 1 / 3])
     assert [lr_factor(s, 4, 0.0) for s in range(4)] == pytest.approx([1, 0.8, 0.6, 0.4])  # decays from the start
 

@@ -20,9 +20,10 @@ Before the first step of ``attention_lg``, L_GA's queues and feature statistics 
 ``queue_size`` target crops (:func:`prime_local_global`).
 
 Adam with betas (0.5, 0.99); the learning rate is constant for the first ``lr_decay_start`` fraction of the
-iterations and decays linearly to zero over the rest (0.5: CUT's 200 + 200 epochs). Training resumes from an atomically written
-state file (models, optimisers, scheduler, queues, feature statistics, loss history) when its fingerprint
-(config, data and the package's code) matches; anything else starts afresh (:mod:`vspa.training.state`).
+iterations and decays linearly to zero over the rest (0.5: CUT's 200 + 200 epochs). Training resumes from an
+atomically written state file (models, optimisers, scheduler, queues, feature statistics, loss history) when its
+fingerprint (config, data and the package's code) matches; anything else starts afresh
+(:mod:`vspa.training.state`).
 The run ends with the diagnostics of :mod:`vspa.translation.diagnostics` (mask entropy, background mask on
 and off the objects, L_GA's view separation, gradient norms at initialisation) and the loss summary, written
 as a small JSON (dvc metrics).
