@@ -195,13 +195,14 @@ def main(
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         raise typer.BadParameter(f"unknown candidate(s) {unknown}; known: {', '.join(CANDIDATES)}")
-    if not (ROOT / detector).is_file() and not detector.is_file():
+    detector = next((d.resolve() for d in (detector, ROOT / detector) if d.is_file()), None) or detector
+    if not detector.is_file():
         raise typer.BadParameter(f"{detector} not found: run `dvc repro pretrain` first.")
     seed_list = parse_seeds(seeds)
     # longest runs first, so two workers finish together
     order = sorted(((n, s) for n in names for s in seed_list), key=lambda t: -CANDIDATES[t[0]]["iterations"])
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(lambda t: run_one(t[0], t[1], variant, work, detector.resolve()), order))
+        results = list(pool.map(lambda t: run_one(t[0], t[1], variant, work, detector), order))
     # a report covers every finished run of the study (earlier invocations with --only included)
     done = {(r["name"], r["seed"]): r for r in results}
     previous = out / "results.json"
