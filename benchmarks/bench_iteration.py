@@ -151,6 +151,8 @@ def main(
                         if (tree / "stages/train.py").is_file()
                         else ["stages/pretrain.py"]
                     )  # one script for pretrain and oracle since issue 15
+                    # --log-csv since the command had to pass torchrun's parser (--log abbreviates its options)
+                    log_option = "--log-csv" if "--log-csv" in (tree / script[0]).read_text() else "--log"
                     args = [
                         *script,
                         "--params",
@@ -159,7 +161,7 @@ def main(
                         str(ROOT / data / "source_train"),
                         "--out",
                         str(run_dir / "model.pt"),
-                        "--log",
+                        log_option,
                         str(run_dir / "losses.csv"),
                         "--work-dir",
                         str(run_dir / "work"),

@@ -119,7 +119,7 @@ def main(
                     str(data / "source_train"),
                     "--out",
                     str(work / "source.pt"),
-                    "--log",
+                    "--log-csv",
                     str(work / "pretrain.csv"),
                     "--work-dir",
                     str(work / "pw"),

@@ -4,9 +4,10 @@
 pretrain: models/source/model.pt, reports/pretrain/losses.csv, state in models/source/work); ``--section oracle``
 trains the upper bound on the target training split with its labels (stage oracle: models/oracle/...). The
 section names the params block the run reads (model.* and <section>.*). Writes ``--out`` (detector
-checkpoint), ``--log`` (loss per iteration, for `dvc plots`) and keeps its resumable state in
+checkpoint), ``--log-csv`` (loss per iteration, for `dvc plots`) and keeps its resumable state in
 ``<work-dir>/last.pt``. Every path is an option without default: dvc.yaml passes them all.
-Multi-process: torchrun --nproc_per_node=N stages/train.py --section ... --data ... (the options of the stage's cmd).
+Multi-process: torchrun --nproc_per_node=N stages/train.py --section ... --data ... (the options of the stage's cmd;
+torchrun's parser reads them too and refuses an abbreviation of its own options, such as ``--log``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def main(
         "data/benchmark/source_train (pretrain), data/benchmark/target_train (oracle).",
     ),
     out: Path = typer.Option(..., help="Output detector checkpoint; in dvc.yaml: models/<source|oracle>/model.pt."),
-    log: Path = typer.Option(..., help="Output loss log (CSV); in dvc.yaml: reports/<section>/losses.csv."),
+    log: Path = typer.Option(
+        ..., "--log-csv", help="Output loss log (CSV); in dvc.yaml: reports/<section>/losses.csv."
+    ),
     work_dir: Path = typer.Option(..., help="Resumable training state; in dvc.yaml: models/<source|oracle>/work."),
 ) -> None:
     def body() -> None:
