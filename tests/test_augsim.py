@@ -364,9 +364,18 @@ def test_augsim_stage_writes_every_set(tiny_benchmark, tmp_path):
             }
         )
     )
-    summary = augsim_build.build(
-        augsim_build.read_config(str(params)), Path(tiny_benchmark), tmp_path / "aug", tmp_path / "fog"
+    # through the stage's main (dvc.yaml's cmd runs it only in `make test-slow`'s end-to-end run)
+    stage_main("augsim")(
+        params=str(params),
+        src=Path(tiny_benchmark),
+        augsim_out=tmp_path / "aug",
+        foggy_out=tmp_path / "fog",
+        summary=tmp_path / "summary.json",
+        examples=tmp_path / "stage_ex.png",
     )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    with Image.open(tmp_path / "stage_ex.png") as im:
+        assert im.format == "PNG"
     n_train = len(json.loads((Path(tiny_benchmark) / "source_train/annotations.json").read_text())["images"])
     assert sum(summary["augsim"]["source_train"].values()) == n_train
     assert summary["augsim"]["source_train"]["none"] == n_train - augmented_count(n_train, 0.5)
