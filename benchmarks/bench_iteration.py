@@ -60,11 +60,14 @@ def unpack_revision(rev: str, dest: Path) -> str:
     return commit.stdout.strip()
 
 
-def timing_params(tree: Path, out: Path, pretrain_its: int, adapt_its: int) -> Path:
-    """The tree's own params.yaml with the window's iteration counts, CPU, no checkpoint and no refresh."""
+def timing_params(tree: Path, out: Path, pretrain_its: int, adapt_its: int, amp: bool = False) -> Path:
+    """The tree's own params.yaml with the window's iteration counts, CPU, no checkpoint and no refresh;
+    ``amp`` sets ``amp: true`` (mixed precision: bfloat16 autocast on the CPU) in pretrain and adapt."""
     params = yaml.safe_load((tree / "params.yaml").read_text())
     params["pretrain"].update(iterations=pretrain_its, checkpoint_every=10**6, device="cpu")
     params["adapt"].update(iterations=adapt_its, checkpoint_every=10**6, refresh_every=0, device="cpu")
+    if amp:
+        params["pretrain"]["amp"] = params["adapt"]["amp"] = True
     out.write_text(yaml.safe_dump(params, sort_keys=False))
     return out
 
@@ -115,6 +118,9 @@ def main(
     model: Path = typer.Option(Path("models/source/model.pt"), help="Source detector both versions adapt."),
     memory: Path = typer.Option(Path("models/memory/subsampled.h5"), help="Memory both versions adapt with."),
     out: Path = typer.Option(Path("reports/bench"), help="Folder of bench_iteration.{json,md}."),
+    new_amp: bool = typer.Option(
+        False, help="Time the new version with amp: true (bfloat16 autocast on the CPU) in pretrain and adapt."
+    ),
 ) -> None:
     def body() -> None:
         import torch
@@ -144,7 +150,7 @@ def main(
                 run_dir.mkdir(parents=True)
                 p_its = its if stage == "pretrain" else pretrain_short
                 a_its = its if stage == "adapt" else adapt_short
-                params = timing_params(tree, run_dir / "params.yaml", p_its, a_its)
+                params = timing_params(tree, run_dir / "params.yaml", p_its, a_its, amp=new_amp and version == "new")
                 if stage == "pretrain":
                     script = (
                         ["stages/train.py", "--section", "pretrain"]
@@ -220,7 +226,7 @@ def main(
             "reps": reps,
             "windows": windows,
             "old": {"revision": old, "commit": old_commit},
-            "new": {"revision": new, "commit": new_commit},
+            "new": {"revision": new, "commit": new_commit, "amp": new_amp},
             "seconds_per_iteration": seconds,
             "median": {},
             "speedup": {},
@@ -232,7 +238,8 @@ def main(
             result["speedup"][stage] = old_med / new_med
         write_json_atomic(out / "bench_iteration.json", result)
         lines = [
-            f"Seconds per training iteration, old ({old} = {old_commit[:7]}) and new ({new} = {new_commit[:7]}) code timed in one "
+            f"Seconds per training iteration, old ({old} = {old_commit[:7]}) and new ({new} = {new_commit[:7]}"
+            f"{', amp: true (bfloat16 autocast)' if new_amp else ''}) code timed in one "
             f"run (`{result['command']}`; {result['machine']}, {threads} thread(s) per process, torch "
             f"{result['torch']}). Per stage: (T(long) - T(short)) / (long - short) over two runs of its stage "
             f"script; versions alternate within each repetition; median of {reps}.",

@@ -91,3 +91,24 @@ def test_pooler_matches_torchvisions_pooler():
     torch.testing.assert_close(f1.grad, f2.grad, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # inference takes torchvision's path unchanged
         assert torch.equal(fast({"0": features}, boxes, shapes), ref({"0": features}, boxes, shapes))
+
+
+def test_bfloat16_features_under_autocast_take_the_sparse_backward():
+    """Mixed precision on the CPU (``amp: true``): bfloat16 features are pooled in float32 as torchvision's
+    autocast rule does (same output, bfloat16 again) and the gradient is the sparse one, not torchvision's."""
+    features, rois, scale = _case()
+    features = features.to(torch.bfloat16)
+    upstream = torch.randn(rois.shape[0], features.shape[1], 7, 7, generator=torch.Generator().manual_seed(2))
+    leaf_ref = features.detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ref = roi_align(leaf_ref, rois, (7, 7), scale, 2)
+    (grad_ref,) = torch.autograd.grad(out_ref, leaf_ref, upstream.to(out_ref.dtype))
+    leaf = features.detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = roi_align_fast_backward(leaf, rois, (7, 7), scale, 2)
+    assert out.dtype == out_ref.dtype == torch.bfloat16
+    assert torch.equal(out, out_ref)
+    assert out.grad_fn is not None and "RoIAlignSparse" in repr(out.grad_fn.next_functions)
+    (grad,) = torch.autograd.grad(out, leaf, upstream.to(out.dtype))
+    assert grad.dtype == torch.bfloat16 and grad_ref.abs().max() > 0.5
+    torch.testing.assert_close(grad.float(), grad_ref.float(), rtol=2e-2, atol=2e-2)
