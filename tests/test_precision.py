@@ -65,3 +65,46 @@ def test_pretrain_with_amp_runs_resumes_and_records_it(tmp_path):
         TinyDataset(), fresh_detector(), train_cfg(), tmp_path / "c", tmp_path / "c.csv", progress=False
     )
     assert any(not torch.equal(a, b) for a, b in zip(full.state_dict().values(), fp32.state_dict().values()))
+
+
+def test_group_norm_fp32_is_group_norm_and_stays_float32_under_autocast():
+    from vspa.detection.backbones import GroupNormFP32
+
+    torch.manual_seed(0)
+    plain, ours = torch.nn.GroupNorm(2, 4), GroupNormFP32(2, 4)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5), plain.bias.uniform_(-1, 1)
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 5, 6)
+    assert torch.equal(ours(x), plain(x))  # without autocast: nn.GroupNorm exactly
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = plain(x.bfloat16())
+        kept = ours(x.bfloat16())
+    assert low.dtype == torch.bfloat16 and kept.dtype == torch.float32
+    torch.testing.assert_close(kept, plain(x.bfloat16().float()))
+
+
+def test_box_deltas_and_logits_stay_float32_under_autocast():
+    """amp: the backbone and box head run in bfloat16, but the RPN head's and box predictor's outputs (box
+    deltas, logits) are float32, so proposals, pseudo-labels and detections are not rounded to 8 bits."""
+    det = fresh_detector().eval()
+    seen = {}
+    for name in ("rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor.bbox_pred", "roi_heads.box_head"):
+        det.model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: o.dtype}))
+    names = set(det.state_dict())
+    assert {"model.rpn.head.cls_logits.weight", "model.roi_heads.box_predictor.bbox_pred.weight"} <= names
+    image = torch.rand(3, 40, 60)
+    with torch.no_grad():
+        ref = det([image])[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = det([image])[0]
+    assert seen == {
+        "rpn.head.cls_logits": torch.float32,
+        "rpn.head.bbox_pred": torch.float32,
+        "roi_heads.box_predictor.bbox_pred": torch.float32,
+        "roi_heads.box_head": torch.bfloat16,
+    }
+    assert out["boxes"].dtype == torch.float32 and ref["boxes"].dtype == torch.float32
+    # a box coordinate decoded in bfloat16 would sit on a grid of 0.25-2 px; float32 ones do not
+    frac = (out["boxes"] * 4).frac().abs()
+    assert len(out["boxes"]) > 0 and (frac > 1e-3).any()

@@ -213,6 +213,43 @@ def background_mask(boxes: torch.Tensor, rows: int, cols: int, stride: float) ->
     return (~inside).to(torch.float32)
 
 
+class Conv2dFP32(nn.Conv2d):
+    """``nn.Conv2d`` computed in float32 also under autocast (see :func:`keep_outputs_in_float32`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+class LinearFP32(nn.Linear):
+    """``nn.Linear`` computed in float32 also under autocast (see :func:`keep_outputs_in_float32`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def keep_outputs_in_float32(model: FasterRCNN) -> None:
+    """Make the layers that output logits and box deltas (the RPN head's two 1x1 convolutions, the box
+    predictor's two linear layers) run in float32 under mixed precision (``amp: true``).
+
+    Under autocast they would return 16-bit deltas, and torchvision decodes boxes in the deltas' dtype: in
+    bfloat16 (8 bits of mantissa) a coordinate near 300 px is rounded to 2 px, which moves the proposals, the
+    teacher's pseudo-labels and the detections of 5-px-wide pedestrians. These layers cost ~1% of an
+    iteration; the expensive ones (backbone, RPN 3x3 conv, box head) stay in 16 bits. Done by changing the
+    modules' classes to float32 subclasses, so the parameters, their names and the float32 path are unchanged.
+    """
+    swaps = {nn.Conv2d: Conv2dFP32, nn.Linear: LinearFP32}
+    for module in (
+        model.rpn.head.cls_logits,
+        model.rpn.head.bbox_pred,
+        model.roi_heads.box_predictor.cls_score,
+        model.roi_heads.box_predictor.bbox_pred,
+    ):
+        if type(module) in swaps:
+            module.__class__ = swaps[type(module)]
+
+
 def build_detector(cfg: DetectorConfig, num_classes: int, load_weights: bool = True) -> Detector:
     """A Faster R-CNN for ``num_classes`` classes (without background) as ``cfg`` describes.
 
@@ -247,4 +284,5 @@ def build_detector(cfg: DetectorConfig, num_classes: int, load_weights: bool = T
         box_score_thresh=cfg.box_score_thresh,
         box_nms_thresh=cfg.box_nms_thresh,
     )
+    keep_outputs_in_float32(model)
     return Detector(model, cfg, num_classes, backbone.stride)
