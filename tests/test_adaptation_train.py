@@ -244,11 +244,12 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tiny_inputs, tmp_path):
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
+def test_resume_after_kill_equals_uninterrupted_run(tiny_inputs, tmp_path, amp):
     from vspa.data.coco import DetectionDataset
 
     torch.set_num_threads(1)
-    s_ref, t_ref, summary = run_adapt(tiny_inputs, tmp_path / "ref")
+    s_ref, t_ref, summary = run_adapt(tiny_inputs, tmp_path / "ref", amp=amp)
     assert summary["refreshes"] == 1 and summary["fg_pairs_per_iter"] > 0
     rows_ref = read_rows(tmp_path / "ref" / "losses.csv")
     assert [int(r["iteration"]) for r in rows_ref] == [1, 2, 3, 4]
@@ -256,10 +257,11 @@ def test_resume_after_kill_equals_uninterrupted_run(tiny_inputs, tmp_path):
 
     target = DetectionDataset(tiny_inputs["bench"] / "target_train" / "annotations.json")
     with pytest.raises(Killed):  # killed in iteration 4 (2 target images per iteration)
-        run_adapt(tiny_inputs, tmp_path / "killed", target=DiesAfter(target, calls=7))
+        run_adapt(tiny_inputs, tmp_path / "killed", target=DiesAfter(target, calls=7), amp=amp)
     state = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)
     assert state["iteration"] == 2 and state["memory"] is not None  # the refreshed memory is in the state
-    s_res, t_res, _ = run_adapt(tiny_inputs, tmp_path / "killed")
+    assert ("scaler" in state) == amp
+    s_res, t_res, _ = run_adapt(tiny_inputs, tmp_path / "killed", amp=amp)
     for ref, res in ((s_ref, s_res), (t_ref, t_res)):
         a, b = ref.state_dict(), res.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)

@@ -195,3 +195,43 @@ def test_budget_table_is_the_same_under_any_hash_seed(tmp_path):
     assert texts[0] == texts[1]
     refs = [line.split("**")[1] for line in texts[0].splitlines() if line.startswith("Paired mAP difference")]
     assert refs == ["fair_source@final", "at_like@final", "vspa@final"]
+
+
+def _rows_json(values: dict[str, dict[str, float]], precision: dict[str, dict[str, float]] | None = None) -> dict:
+    rows = {}
+    for row, vals in values.items():
+        v = list(vals.values())
+        mean = sum(v) / len(v)
+        std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+        rows[row] = {"mAP": {"n": len(v), "mean": mean, "std": std, "values": vals}}
+    return {
+        "test": {"rows": rows, "paired": {}},
+        "teacher_drift": {r: {"precision": p} for r, p in (precision or {}).items()},
+    }
+
+
+def test_compare_rows_pairs_seeds_against_the_base_spread(tmp_path):
+    compare_rows = load_script("benchmarks/compare_rows.py")
+    base = _rows_json(
+        {"at_like": {"0": 40.0, "1": 44.0, "2": 48.0}, "vspa": {"0": 50.0, "1": 52.0}},
+        {"at_like": {"0": 0.9, "1": 0.5}},
+    )
+    new = _rows_json(
+        {"at_like": {"0": 42.0, "1": 43.0}, "vspa": {"1": 51.0, "5": 70.0}, "oracle_on_target": {"0": 77.0}},
+        {"at_like": {"0": 0.8, "1": 0.6}},
+    )
+    out = compare_rows.compare(base, new)
+    assert set(out) == {"at_like", "vspa"}  # the oracle is not in the base run
+    a = out["at_like"]
+    assert a["seeds"] == ["0", "1"] and a["diff"] == {"0": 2.0, "1": -1.0}
+    assert a["base_std"] == pytest.approx(4.0) and a["mean_diff"] == pytest.approx(0.5)
+    assert a["max_abs_diff_in_std"] == pytest.approx(0.5)
+    assert a["pseudo_precision"] == {"base": {"0": 0.9, "1": 0.5}, "new": {"0": 0.8, "1": 0.6}}
+    assert out["vspa"]["seeds"] == ["1"] and out["vspa"]["diff"] == {"1": -1.0}  # seed 5 has no base
+    md = compare_rows.to_markdown(out, Path("b.json"), Path("n.json"), "test")
+    assert "| 0 | 40.0 | 42.0 | +2.0 | 0.50 |" in md and "0.90 / 0.80" in md
+    (tmp_path / "b.json").write_text(json.dumps(base))
+    (tmp_path / "n.json").write_text(json.dumps({"test": {"rows": {}}}))
+    with pytest.raises(SystemExit):  # no common row: a clear error, not an empty table
+        compare_rows.main(base=tmp_path / "b.json", new=tmp_path / "n.json", out=tmp_path / "o", split="test")
+    assert not (tmp_path / "o").exists()

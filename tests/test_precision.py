@@ -89,7 +89,12 @@ def test_box_deltas_and_logits_stay_float32_under_autocast():
     deltas, logits) are float32, so proposals, pseudo-labels and detections are not rounded to 8 bits."""
     det = fresh_detector().eval()
     seen = {}
-    for name in ("rpn.head.cls_logits", "rpn.head.bbox_pred", "roi_heads.box_predictor.bbox_pred", "roi_heads.box_head"):
+    for name in (
+        "rpn.head.cls_logits",
+        "rpn.head.bbox_pred",
+        "roi_heads.box_predictor.bbox_pred",
+        "roi_heads.box_head",
+    ):
         det.model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: o.dtype}))
     names = set(det.state_dict())
     assert {"model.rpn.head.cls_logits.weight", "model.roi_heads.box_predictor.bbox_pred.weight"} <= names

@@ -67,7 +67,7 @@ class AdaptConfig:
     # also keep the teacher every N iterations as work_dir/teacher_<N>.pt (0 = never): for choosing the iteration
     # budget on target validation from one run (benchmarks/bench_rows.py evaluates them); recorded only when on
     snapshot_every: int = 0
-    amp: bool  # mixed precision (autocast + gradient scaling; for CUDA): vspa.training.precision
+    amp: bool  # mixed precision (float16 on CUDA, bfloat16 on the CPU): vspa.training.precision
     # fg_mode pairing only (the AugSim -> FoggyAugSim experiment; see vspa.adaptation.pairing)
     pairing_mode: str = "exact"  # exact | color | flip | color_flip: what a target object's positive differs in
     pairing_original: str = ""  # the original source split folder (every object as it is, variant "none")

@@ -78,7 +78,7 @@ class TrainConfig:
     lr_steps: list[int]  # iterations at which lr is multiplied by 0.1
     strong_aug: bool
     checkpoint_every: int
-    amp: bool  # mixed precision (autocast + gradient scaling; for CUDA): vspa.training.precision
+    amp: bool  # mixed precision (float16 on CUDA, bfloat16 on the CPU): vspa.training.precision
 
     @classmethod
     def from_params(cls, section: dict | None, name: str = "pretrain", path: str = "params.yaml") -> "TrainConfig":
