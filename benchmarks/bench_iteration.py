@@ -101,6 +101,43 @@ def checkpoint_for(tree: Path, checkpoint: Path, dest: Path, env: dict) -> Path:
     return dest
 
 
+def paired_speedup(seconds: dict, stage: str) -> float:
+    """Median over repetitions of old / new within a repetition: the two versions of one repetition run back to
+    back (about a minute apart), so this machine's drift of 10-30% between minutes cancels better than in the
+    ratio of the two medians."""
+    return statistics.median(o / n for o, n in zip(seconds["old"][stage], seconds["new"][stage]))
+
+
+def markdown(result: dict) -> str:
+    """``bench_iteration.md`` from the ``bench_iteration.json`` dict."""
+    seconds, windows = result["seconds_per_iteration"], result["windows"]
+    old, new = result["old"], result["new"]
+    lines = [
+        f"Seconds per training iteration, old ({old['revision']} = {old['commit'][:7]}) and new ({new['revision']} = "
+        f"{new['commit'][:7]}{', amp: true (bfloat16 autocast)' if new.get('amp') else ''}) code timed in one "
+        f"run (`{result['command']}`; {result['machine']}, {result['threads']} thread(s) per process, torch "
+        f"{result['torch']}). Per stage: (T(long) - T(short)) / (long - short) over two runs of its stage "
+        f"script; versions alternate within each repetition; median of {result['reps']}. Paired: the median of "
+        "the per-repetition ratios old / new (each repetition runs both versions back to back).",
+        "",
+        "| stage | old s/it | new s/it | speed-up (old / new) | paired speed-up | per repetition old | per repetition new |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    labels = {
+        "pretrain": "pretrain (batch 4, {}->{} its)",
+        "adapt": "adapt VSPA (2+2 images, {}->{} its)",
+    }
+    for stage, (short, long) in windows.items():
+        med = result["median"][stage]
+        lines.append(
+            f"| {labels[stage].format(short, long)} | {med['old']:.3f} | {med['new']:.3f} | "
+            f"{result['speedup'][stage]:.2f}x | {paired_speedup(seconds, stage):.2f}x | "
+            f"{', '.join(f'{s:.3f}' for s in seconds['old'][stage])} | "
+            f"{', '.join(f'{s:.3f}' for s in seconds['new'][stage])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(
     old: str = typer.Option("050fbb5", help="The old version: a git revision."),
     new: str = typer.Option("HEAD", help="The new version: a git revision."),
@@ -236,30 +273,11 @@ def main(
             new_med = statistics.median(seconds["new"][stage])
             result["median"][stage] = {"old": old_med, "new": new_med}
             result["speedup"][stage] = old_med / new_med
+            result.setdefault("speedup_paired", {})[stage] = paired_speedup(seconds, stage)
         write_json_atomic(out / "bench_iteration.json", result)
-        lines = [
-            f"Seconds per training iteration, old ({old} = {old_commit[:7]}) and new ({new} = {new_commit[:7]}"
-            f"{', amp: true (bfloat16 autocast)' if new_amp else ''}) code timed in one "
-            f"run (`{result['command']}`; {result['machine']}, {threads} thread(s) per process, torch "
-            f"{result['torch']}). Per stage: (T(long) - T(short)) / (long - short) over two runs of its stage "
-            f"script; versions alternate within each repetition; median of {reps}.",
-            "",
-            "| stage | old s/it | new s/it | speed-up (old / new) | per repetition old | per repetition new |",
-            "|---|---:|---:|---:|---|---|",
-        ]
-        labels = {
-            "pretrain": f"pretrain (batch 4, {pretrain_short}->{pretrain_long} its)",
-            "adapt": f"adapt VSPA (2+2 images, {adapt_short}->{adapt_long} its)",
-        }
-        for stage in windows:
-            med = result["median"][stage]
-            lines.append(
-                f"| {labels[stage]} | {med['old']:.3f} | {med['new']:.3f} | {result['speedup'][stage]:.2f}x | "
-                f"{', '.join(f'{s:.3f}' for s in seconds['old'][stage])} | "
-                f"{', '.join(f'{s:.3f}' for s in seconds['new'][stage])} |"
-            )
-        write_text_atomic(out / "bench_iteration.md", "\n".join(lines) + "\n")
-        print("\n".join(lines))
+        text = markdown(result)
+        write_text_atomic(out / "bench_iteration.md", text)
+        print(text)
 
     run_stage(body)
 

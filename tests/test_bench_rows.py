@@ -235,3 +235,31 @@ def test_compare_rows_pairs_seeds_against_the_base_spread(tmp_path):
     with pytest.raises(SystemExit):  # no common row: a clear error, not an empty table
         compare_rows.main(base=tmp_path / "b.json", new=tmp_path / "n.json", out=tmp_path / "o", split="test")
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_iteration_report_gives_both_speed_ups():
+    bench = load_script("benchmarks/bench_iteration.py")
+    seconds = {
+        "old": {"pretrain": [0.2, 0.3, 0.24], "adapt": [0.5, 0.5, 0.5]},
+        "new": {"pretrain": [0.1, 0.2, 0.3], "adapt": [0.25, 0.5, 0.4]},
+    }
+    # per repetition old / new: 2.0, 1.5, 0.8 -> median 1.5; ratio of medians 0.24 / 0.2 = 1.2
+    assert bench.paired_speedup(seconds, "pretrain") == pytest.approx(1.5)
+    assert bench.paired_speedup(seconds, "adapt") == pytest.approx(1.25)
+    result = {
+        "command": "python benchmarks/bench_iteration.py --reps 3",
+        "machine": "x86_64 2 cores",
+        "torch": "2.x",
+        "threads": 2,
+        "reps": 3,
+        "windows": {"pretrain": [10, 60], "adapt": [5, 55]},  # as read back from the JSON: lists
+        "old": {"revision": "050fbb5", "commit": "050fbb5" + "0" * 33},
+        "new": {"revision": "HEAD", "commit": "abcdef1" + "0" * 33, "amp": True},
+        "seconds_per_iteration": seconds,
+        "median": {"pretrain": {"old": 0.24, "new": 0.2}, "adapt": {"old": 0.5, "new": 0.4}},
+        "speedup": {"pretrain": 1.2, "adapt": 1.25},
+    }
+    md = bench.markdown(result)
+    assert "new (HEAD = abcdef1, amp: true (bfloat16 autocast))" in md
+    assert "| pretrain (batch 4, 10->60 its) | 0.240 | 0.200 | 1.20x | 1.50x | 0.200, 0.300, 0.240 |" in md
+    assert "| adapt VSPA (2+2 images, 5->55 its) | 0.500 | 0.400 | 1.25x | 1.25x |" in md
