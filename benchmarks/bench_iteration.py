@@ -14,9 +14,11 @@ checkpoint and no memory refresh inside the window:
 
 A stage's seconds per iteration are ``(T(long) - T(short)) / (long - short)`` from the wall times of two runs
 of it (start-up, data loading and the final save cancel out). The versions alternate within each repetition
-(old, new, old, new, ...), every process pinned to ``--threads`` threads, and the median over repetitions is
-reported with the ratio old / new. Run it alone: other jobs on the machine inflate both versions, not
-necessarily by the same factor.
+(old, new, old, new, ...) after one untimed warm-up run of each, every process pinned to ``--threads`` threads,
+and the median over repetitions is reported with the ratio old / new, and the median of the per-repetition
+ratios ("paired"). ``--new-amp`` runs the new version with ``amp: true``; ``--old HEAD --new HEAD --new-amp``
+thus times mixed precision against float32 on the same code. Run it alone: other jobs on the machine inflate
+both versions, not necessarily by the same factor.
 
     python benchmarks/bench_iteration.py [--old 050fbb5] [--new HEAD] [--reps 5] [--threads 2]
 """
@@ -240,6 +242,12 @@ def main(
                     )
                 return elapsed
 
+            # one untimed short run per version and stage first: the first run of a stage reads the model, memory
+            # and images from disk and fills caches (once 25 s instead of 7 s for 5 adaptation iterations), which
+            # would land on whichever version runs first
+            for stage, (short, _) in windows.items():
+                for version in trees:
+                    timed(version, stage, short, work / f"warmup_{version}_{stage}")
             for rep in range(reps):
                 for stage, (short, long) in windows.items():
                     for version in trees:
