@@ -235,9 +235,10 @@ def keep_outputs_in_float32(model: FasterRCNN) -> None:
 
     Under autocast they would return 16-bit deltas, and torchvision decodes boxes in the deltas' dtype: in
     bfloat16 (8 bits of mantissa) a coordinate near 300 px is rounded to 2 px, which moves the proposals, the
-    teacher's pseudo-labels and the detections of 5-px-wide pedestrians. These layers cost ~1% of an
-    iteration; the expensive ones (backbone, RPN 3x3 conv, box head) stay in 16 bits. Done by changing the
-    modules' classes to float32 subclasses, so the parameters, their names and the float32 path are unchanged.
+    teacher's pseudo-labels and the detections of 5-px-wide pedestrians. These layers cost ~1-2% of an
+    iteration (in float32 the two 1x1 convolutions take torch's slow CPU path); the expensive ones (backbone,
+    RPN 3x3 conv, box head) stay in 16 bits. Done by changing the modules' classes to float32 subclasses, so
+    the parameters, their names and the float32 path are unchanged.
     """
     swaps = {nn.Conv2d: Conv2dFP32, nn.Linear: LinearFP32}
     for module in (
