@@ -87,11 +87,13 @@ smoke-real: $(STAMP)
 	$(BIN)/python benchmarks/smoke_real.py $(if $(SCENARIOS),--scenarios $(SCENARIOS),)
 
 # Seconds per pretrain and VSPA adaptation iteration of two git revisions timed side by side in one run
-# (OLD=050fbb5 NEW=HEAD by default) -> reports/bench/bench_iteration.md. Needs `dvc repro subsample` first; run alone.
+# (OLD=050fbb5 NEW=HEAD by default) -> reports/bench/bench_iteration.md; AMP=1 runs NEW with amp: true (bfloat16 on
+# the CPU) -> reports/bench/bench_iteration_amp/. Needs `dvc repro subsample` first; run alone.
 OLD ?= 050fbb5
 NEW ?= HEAD
 bench-iteration: $(STAMP)
-	$(BIN)/python benchmarks/bench_iteration.py --old $(OLD) --new $(NEW)
+	$(BIN)/python benchmarks/bench_iteration.py --old $(OLD) --new $(NEW) \
+		$(if $(AMP),--new-amp --out reports/bench/bench_iteration_amp,)
 
 # README tables are copies of the reports' tables (a `<!-- table: PATH -->` marker above each): refresh them.
 readme: $(STAMP)
