@@ -88,20 +88,21 @@ def to_markdown(result: dict, base_path: Path, new_path: Path, split: str) -> st
             lines.append(f"{head} | {s} | {r['base'][s]:.1f} | {r['new'][s]:.1f} | {r['diff'][s]:+.1f} | {ratio} |")
     drift_rows = [(row, r) for row, r in result.items() if r["pseudo_precision"]["base"]]
     if drift_rows:
+        seeds = sorted({s for _, r in drift_rows for s in r["seeds"]}, key=int)  # rows may have different seeds
         lines += [
             "",
             "Teacher pseudo-label precision (second half of training), base / new:",
             "",
-            "| Method | " + " | ".join(f"seed {s}" for s in drift_rows[0][1]["seeds"]) + " |",
-            "|---|" + "---:|" * len(drift_rows[0][1]["seeds"]),
+            "| Method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "|---|" + "---:|" * len(seeds),
         ]
+
+        def cell(r: dict, s: str) -> str:
+            base, new = r["pseudo_precision"]["base"].get(s), r["pseudo_precision"]["new"].get(s)
+            return "-" if base is None or new is None else f"{base:.2f} / {new:.2f}"
+
         for row, r in drift_rows:
-            cells = [
-                f"{r['pseudo_precision']['base'].get(s, float('nan')):.2f} / "
-                f"{r['pseudo_precision']['new'].get(s, float('nan')):.2f}"
-                for s in r["seeds"]
-            ]
-            lines.append(f"| {ROW_DESCRIPTIONS.get(row, row)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {ROW_DESCRIPTIONS.get(row, row)} | " + " | ".join(cell(r, s) for s in seeds) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -214,11 +214,11 @@ def test_compare_rows_pairs_seeds_against_the_base_spread(tmp_path):
     compare_rows = load_script("benchmarks/compare_rows.py")
     base = _rows_json(
         {"at_like": {"0": 40.0, "1": 44.0, "2": 48.0}, "vspa": {"0": 50.0, "1": 52.0}},
-        {"at_like": {"0": 0.9, "1": 0.5}},
+        {"at_like": {"0": 0.9, "1": 0.5}, "vspa": {"0": 0.9, "1": 0.8}},
     )
     new = _rows_json(
         {"at_like": {"0": 42.0, "1": 43.0}, "vspa": {"1": 51.0, "5": 70.0}, "oracle_on_target": {"0": 77.0}},
-        {"at_like": {"0": 0.8, "1": 0.6}},
+        {"at_like": {"0": 0.8, "1": 0.6}, "vspa": {"1": 0.4, "5": 0.9}},
     )
     out = compare_rows.compare(base, new)
     assert set(out) == {"at_like", "vspa"}  # the oracle is not in the base run
@@ -229,7 +229,10 @@ def test_compare_rows_pairs_seeds_against_the_base_spread(tmp_path):
     assert a["pseudo_precision"] == {"base": {"0": 0.9, "1": 0.5}, "new": {"0": 0.8, "1": 0.6}}
     assert out["vspa"]["seeds"] == ["1"] and out["vspa"]["diff"] == {"1": -1.0}  # seed 5 has no base
     md = compare_rows.to_markdown(out, Path("b.json"), Path("n.json"), "test")
-    assert "| 0 | 40.0 | 42.0 | +2.0 | 0.50 |" in md and "0.90 / 0.80" in md
+    assert "| 0 | 40.0 | 42.0 | +2.0 | 0.50 |" in md
+    # the precision table spans the seeds of every row: seed 0 has no VSPA pair, seed 1 has both rows
+    assert "| Method | seed 0 | seed 1 |" in md
+    assert "| 0.90 / 0.80 | 0.50 / 0.60 |" in md and "| - | 0.80 / 0.40 |" in md
     (tmp_path / "b.json").write_text(json.dumps(base))
     (tmp_path / "n.json").write_text(json.dumps({"test": {"rows": {}}}))
     with pytest.raises(SystemExit):  # no common row: a clear error, not an empty table
