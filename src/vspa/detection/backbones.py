@@ -44,17 +44,20 @@ HOW_TO_GET_WEIGHTS = (
 )
 
 
-class GroupNormFP32(nn.GroupNorm):
-    """``nn.GroupNorm`` computed in float32 also under mixed precision (``amp: true``).
-
-    Under bfloat16 autocast on the CPU, torch runs GroupNorm in bfloat16, whose backward is ~2.5x slower than
-    float32's on the 2-core CPU; normalising in float32 is also what mixed-precision recipes recommend. Without
-    autocast the input is already float32 and this is ``nn.GroupNorm`` exactly (same parameters and names).
-    """
+class Float32Forward:
+    """Mixin for a one-input ``nn.Module``: its forward runs in float32 with autocast off, also under mixed
+    precision (``amp: true``). Without autocast the input is already float32 and the module computes exactly
+    what its base class does (same parameters and names)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x.float())
+
+
+class GroupNormFP32(Float32Forward, nn.GroupNorm):
+    """``nn.GroupNorm`` in float32 under mixed precision: under bfloat16 autocast on the CPU torch runs GroupNorm
+    in bfloat16, whose backward is ~2.5x slower than float32's on the 2-core CPU; normalising in float32 is also
+    what mixed-precision recipes recommend."""
 
 
 def _block(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> list[nn.Module]:

@@ -25,7 +25,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign
 
 from vspa.config import check_number, parse_section
-from vspa.detection.backbones import BACKBONES, DEFAULT_ANCHOR_SIZES, build_backbone
+from vspa.detection.backbones import BACKBONES, DEFAULT_ANCHOR_SIZES, Float32Forward, build_backbone
 from vspa.detection.roi_align import FastMultiScaleRoIAlign
 from vspa.utils import VspaError
 
@@ -213,20 +213,12 @@ def background_mask(boxes: torch.Tensor, rows: int, cols: int, stride: float) ->
     return (~inside).to(torch.float32)
 
 
-class Conv2dFP32(nn.Conv2d):
+class Conv2dFP32(Float32Forward, nn.Conv2d):
     """``nn.Conv2d`` computed in float32 also under autocast (see :func:`keep_outputs_in_float32`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
 
-
-class LinearFP32(nn.Linear):
+class LinearFP32(Float32Forward, nn.Linear):
     """``nn.Linear`` computed in float32 also under autocast (see :func:`keep_outputs_in_float32`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
 
 
 def keep_outputs_in_float32(model: FasterRCNN) -> None:
