@@ -79,6 +79,13 @@ def main(
         source_json, target_json = source / "annotations.json", target / "annotations.json"
         memory_path = memory if cfg.needs_memory else None
         ctx = distributed.setup(cfg.device)
+        if ctx.is_main and cfg.amp and (cfg.use_fg or cfg.use_bg):
+            print(
+                f"[adapt:{name}] note: adapt.amp is true. With mixed-precision adaptation VSPA's teacher drifted on 3 "
+                "of 4 seeds of the embedded benchmark (float32: 2 of 18); the defaults and the protocol's tables are "
+                "float32 (README: 'Where the drift enters').",
+                file=sys.stderr,
+            )
         student, meta = checkpoint.load(model, ctx.device)
         src_ds = DetectionDataset(source_json, cache_mb=IMAGE_CACHE_MB)
         tgt_ds = DetectionDataset(target_json, cache_mb=IMAGE_CACHE_MB)

@@ -347,6 +347,7 @@ def test_stage_end_to_end_writes_an_evaluable_teacher(tiny_inputs, tmp_path):
         [*common, "--name", "vspa", "--out", "models/adapt/vspa", "--log-dir", "reports/adapt/vspa"], tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "adapt.amp is true" not in proc.stderr  # the mixed-precision note: float32 here
     model = tmp_path / "models" / "adapt" / "vspa" / "model.pt"
     detector, meta = checkpoint.load(model)
     assert meta["extra"]["selected"] == "final teacher" and meta["extra"]["adapt"]["fg_mode"] == "memory"
@@ -361,10 +362,14 @@ def test_stage_end_to_end_writes_an_evaluable_teacher(tiny_inputs, tmp_path):
     summary = json.loads((tmp_path / "reports" / "adapt" / "vspa" / "summary.json").read_text())
     assert summary["iterations"] == 2 and summary["align_sec_per_iter"] > 0
 
-    # the full method with a missing memory file: one line naming the file, exit status 2
+    # the full method with a missing memory file: one line naming the file, exit status 2; under amp the
+    # stage first prints its note on mixed-precision adaptation
+    write_params(tmp_path / "params_amp.yaml", amp=True)
     proc = run_stage(
         [
-            *common[:-1],
+            "--params",
+            "params_amp.yaml",
+            *common[2:-1],
             str(tmp_path / "absent.h5"),
             "--name",
             "vspa2",
@@ -377,6 +382,7 @@ def test_stage_end_to_end_writes_an_evaluable_teacher(tiny_inputs, tmp_path):
     )
     assert proc.returncode == 2
     assert "absent.h5: memory file not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert "adapt.amp is true" in proc.stderr and "drifted on 3 of 4 seeds" in proc.stderr
 
 
 WORKER = textwrap.dedent(
