@@ -76,6 +76,7 @@ def check(device_name: str, iterations: int, amp: bool, work: Path) -> dict:
     from vspa.evaluation.runner import evaluate_model
     from vspa.memory.extract import extract_memory
     from vspa.memory.store import open_memory, write_memory
+    from vspa.training.prefetch import default_workers
     from vspa.translation.trainer import TranslateConfig, train_translator
 
     if device_name.startswith("cuda") and not torch.cuda.is_available():
@@ -203,6 +204,7 @@ def check(device_name: str, iterations: int, amp: bool, work: Path) -> dict:
         "torch": torch.__version__,
         "iterations": iterations,
         "amp": amp,
+        "data_threads": default_workers(device),
         "stages": rows,
     }
 
@@ -210,7 +212,8 @@ def check(device_name: str, iterations: int, amp: bool, work: Path) -> dict:
 def markdown(report: dict) -> str:
     lines = [
         f"# GPU self-check: {report['device_name']} ({report['device']}), torch {report['torch']}, "
-        f"{report['iterations']} iterations per training stage, amp {report['amp']}",
+        f"{report['iterations']} iterations per training stage, amp {report['amp']}, "
+        f"data threads {report.get('data_threads', 0)} (VSPA_DATA_WORKERS)",
         "",
         "| stage | seconds | per iteration / throughput | peak memory (MiB) | note |",
         "|---|---:|---:|---:|---|",

@@ -15,8 +15,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(args, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+def run(args, tmp_path, **extra_env):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), **extra_env)
     return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *args, "--out", str(tmp_path)],
         capture_output=True,
@@ -28,10 +28,11 @@ def run(args, tmp_path):
 
 
 def test_gpu_check_runs_every_stage_on_the_cpu_with_mixed_precision(tmp_path):
-    proc = run(["--device", "cpu", "--iterations", "2", "--amp"], tmp_path)
+    # with the data threads of a GPU node (vspa.training.prefetch), which the CPU leaves off by default
+    proc = run(["--device", "cpu", "--iterations", "2", "--amp"], tmp_path, VSPA_DATA_WORKERS="2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["amp"] is True and report["iterations"] == 2
+    assert report["amp"] is True and report["iterations"] == 2 and report["data_threads"] == 2
     stages = [r["stage"] for r in report["stages"]]
     assert stages == [
         "pretrain",
@@ -43,6 +44,7 @@ def test_gpu_check_runs_every_stage_on_the_cpu_with_mixed_precision(tmp_path):
     ]
     assert all(r["seconds"] > 0 for r in report["stages"])
     assert "| pretrain |" in (tmp_path / "gpu_check.md").read_text()
+    assert "data threads 2" in (tmp_path / "gpu_check.md").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

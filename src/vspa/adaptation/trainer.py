@@ -78,6 +78,7 @@ from vspa.memory.store import MemoryBank, open_memory
 from vspa.training.guard import check_finite
 from vspa.training.log import write_log
 from vspa.training.precision import Precision
+from vspa.training.prefetch import Prefetcher, default_workers, to_device
 from vspa.training.schedule import sgd_with_schedule
 from vspa.training.seeds import derive_seed
 from vspa.training.state import code_digest, load_state, save_state
@@ -260,94 +261,113 @@ def adapt(
         unit="it",
         disable=(None if progress else True) if ctx.is_main else True,
     )
+
+    def make_batch(it: int) -> tuple:
+        """Iteration ``it``'s batches on the CPU (a function of the seed and ``it``: made ahead in a data thread
+        on CUDA, see vspa.training.prefetch)."""
+        return _batch(data, cfg, it, positions, "cpu")
+
+    workers = default_workers(device)
+    prefetcher = Prefetcher(make_batch, range(start, cfg.iterations), workers, pin=device.type == "cuda")
+    batches = iter(prefetcher)
     detector_ids = {id(p) for p in student.parameters()}
-    for it in bar:
-        t_iter: list[float] = []
-        t_backward: list[float] = []
-        step_module.iteration = it
-        with _timer(device, t_iter):
-            src_images, src_targets, tgt_weak, tgt_strong, tgt_pairs = _batch(data, cfg, it, positions, device)
-            # without a target loss (fair source only) there are no target images: the teacher is only the EMA
-            with precision.autocast():
-                detections = teacher_detect(teacher, tgt_weak) if tgt_weak else []
-            pseudo = filter_pseudo_labels(
-                [{k: v.float() if k != "labels" else v for k, v in d.items()} for d in detections], cfg.tau
-            )
-            pseudo_targets = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
-
-            torch.manual_seed(derive_seed(cfg.seed, it, ctx.rank, _SAMPLER))
-            generator = torch.Generator().manual_seed(derive_seed(cfg.seed, it, ctx.rank, _ALIGN))
-            lr = optimizer.param_groups[0]["lr"]
-            with precision.autocast():
-                if cfg.use_pairing:
-                    losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator, tgt_pairs)
-                else:
-                    losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator)
-            n_tgt = max(len(pseudo), 1)
-            losses["pseudo_per_image"] = losses["total"].new_tensor(sum(len(p["labels"]) for p in pseudo) / n_tgt)
-            # diagnostic only: the target's labels are compared with the pseudo-labels and logged, nothing more
-            tp, n_pseudo, n_gt = diagnostics.pseudo_label_counts(pseudo, tgt_pairs)
-            for key, value in (("pseudo_tp", tp), ("pseudo_n", n_pseudo), ("gt_n", n_gt)):
-                losses[key] = losses["total"].new_tensor(value / n_tgt)
-            terms = losses.pop("terms")
-            names = [c for c in CSV_COLUMNS + diagnostics.ITER_COLUMNS if c in losses and c != "time_align"]
-            names = list(dict.fromkeys(names))
-            logged = distributed.all_reduce_mean(torch.stack([losses[k].detach().float() for k in names]), ctx)
-            values = dict(zip(names, logged.cpu().tolist()))
-            check_finite(
-                values, it + 1, "adaptation", f"Lower adapt.lr (now {cfg.lr:g}) or the loss weights.", keys=["total"]
-            )  # the total is checked; every column is in the message
-            optimizer.zero_grad(set_to_none=True)
-            sample = bool(cfg.diag_every) and it % cfg.diag_every == 0 and not ctx.enabled
-            with _timer(device, t_backward):
-                if sample:  # the same gradient, term by term, with each term's norm on the detector
-                    scaled = {k: precision.scale(v) if v.requires_grad else v for k, v in terms.items()}
-                    shares = diagnostics.shares(diagnostics.term_gradients(scaled, params, detector_ids))
-                else:
-                    precision.backward(losses["total"])
-                    shares = {k: float("nan") for k in diagnostics.SHARE_COLUMNS[1:-1]}
-            precision.step(optimizer)
-            scheduler.step()
-            ema_update(teacher, student, cfg.ema_keep)
-        rows.append(
-            {
-                "iteration": it + 1,
-                "lr": lr,
-                **values,
-                "fg_pairs": values["fg_pairs"] * ctx.world_size,  # the mean over processes -> the total
-                "time_iter": t_iter[0],
-                "time_align": float(losses["time_align"]),
-                "time_backward": t_backward[0],
-                **shares,
-            }
-        )
-        bar.set_postfix(loss=f"{values['total']:.3f}", pseudo=f"{values['pseudo_per_image']:.1f}")
-
-        done = it + 1
-        if cfg.refresh_every and bank is not None and done % cfg.refresh_every == 0 and done < cfg.iterations:
-            refresh_start = time.perf_counter()
-            source_model = student if cfg.refresh_model == "student" else teacher
-            if ctx.is_main:
-                refresh_memory(source_model, data.source, bank, refresh_path, device, progress and ctx.is_main)
-            distributed.barrier(ctx)
-            bank = open_memory(refresh_path, expected_dim=student.embed_dim)
-            use_memory(bank)
-            if pair_bank is not None:  # the counterparts embedded by the same model as the memory
-                pair_bank = PairingBank.extract(
-                    source_model, data.pairing_table, cfg.pairing_mode, progress=progress and ctx.is_main
+    try:
+        for it in bar:
+            t_iter: list[float] = []
+            t_backward: list[float] = []
+            step_module.iteration = it
+            with _timer(device, t_iter):
+                *views, tgt_pairs = next(batches)  # the pairing ground truth stays on the CPU
+                src_images, src_targets, tgt_weak, tgt_strong = to_device(views, device)
+                # without a target loss (fair source only) there are no target images: the teacher is only the EMA
+                with precision.autocast():
+                    detections = teacher_detect(teacher, tgt_weak) if tgt_weak else []
+                pseudo = filter_pseudo_labels(
+                    [{k: v.float() if k != "labels" else v for k, v in d.items()} for d in detections], cfg.tau
                 )
-                step_module.pairing_bank = pair_bank
-            refresh_seconds.append(time.perf_counter() - refresh_start)
-        if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.iterations and ctx.is_main:
-            detector_checkpoint.save(
-                work_dir / f"teacher_{done}.pt",
-                teacher,
-                teacher.cfg,
-                list(data.source.class_names),
-                extra={"stage": "adapt", "snapshot": done},
+                pseudo_targets = [{"boxes": p["boxes"], "labels": p["labels"]} for p in pseudo]
+
+                torch.manual_seed(derive_seed(cfg.seed, it, ctx.rank, _SAMPLER))
+                generator = torch.Generator().manual_seed(derive_seed(cfg.seed, it, ctx.rank, _ALIGN))
+                lr = optimizer.param_groups[0]["lr"]
+                with precision.autocast():
+                    if cfg.use_pairing:
+                        losses = model(
+                            src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator, tgt_pairs
+                        )
+                    else:
+                        losses = model(src_images, src_targets, tgt_weak, tgt_strong, pseudo_targets, generator)
+                n_tgt = max(len(pseudo), 1)
+                losses["pseudo_per_image"] = losses["total"].new_tensor(sum(len(p["labels"]) for p in pseudo) / n_tgt)
+                # diagnostic only: the target's labels are compared with the pseudo-labels and logged, nothing more
+                tp, n_pseudo, n_gt = diagnostics.pseudo_label_counts(pseudo, tgt_pairs)
+                for key, value in (("pseudo_tp", tp), ("pseudo_n", n_pseudo), ("gt_n", n_gt)):
+                    losses[key] = losses["total"].new_tensor(value / n_tgt)
+                terms = losses.pop("terms")
+                names = [c for c in CSV_COLUMNS + diagnostics.ITER_COLUMNS if c in losses and c != "time_align"]
+                names = list(dict.fromkeys(names))
+                logged = distributed.all_reduce_mean(torch.stack([losses[k].detach().float() for k in names]), ctx)
+                values = dict(zip(names, logged.cpu().tolist()))
+                check_finite(
+                    values,
+                    it + 1,
+                    "adaptation",
+                    f"Lower adapt.lr (now {cfg.lr:g}) or the loss weights.",
+                    keys=["total"],
+                )  # the total is checked; every column is in the message
+                optimizer.zero_grad(set_to_none=True)
+                sample = bool(cfg.diag_every) and it % cfg.diag_every == 0 and not ctx.enabled
+                with _timer(device, t_backward):
+                    if sample:  # the same gradient, term by term, with each term's norm on the detector
+                        scaled = {k: precision.scale(v) if v.requires_grad else v for k, v in terms.items()}
+                        shares = diagnostics.shares(diagnostics.term_gradients(scaled, params, detector_ids))
+                    else:
+                        precision.backward(losses["total"])
+                        shares = {k: float("nan") for k in diagnostics.SHARE_COLUMNS[1:-1]}
+                precision.step(optimizer)
+                scheduler.step()
+                ema_update(teacher, student, cfg.ema_keep)
+            rows.append(
+                {
+                    "iteration": it + 1,
+                    "lr": lr,
+                    **values,
+                    "fg_pairs": values["fg_pairs"] * ctx.world_size,  # the mean over processes -> the total
+                    "time_iter": t_iter[0],
+                    "time_align": float(losses["time_align"]),
+                    "time_backward": t_backward[0],
+                    **shares,
+                }
             )
-        if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-            checkpoint(done)
+            bar.set_postfix(loss=f"{values['total']:.3f}", pseudo=f"{values['pseudo_per_image']:.1f}")
+
+            done = it + 1
+            if cfg.refresh_every and bank is not None and done % cfg.refresh_every == 0 and done < cfg.iterations:
+                refresh_start = time.perf_counter()
+                source_model = student if cfg.refresh_model == "student" else teacher
+                if ctx.is_main:
+                    refresh_memory(source_model, data.source, bank, refresh_path, device, progress and ctx.is_main)
+                distributed.barrier(ctx)
+                bank = open_memory(refresh_path, expected_dim=student.embed_dim)
+                use_memory(bank)
+                if pair_bank is not None:  # the counterparts embedded by the same model as the memory
+                    pair_bank = PairingBank.extract(
+                        source_model, data.pairing_table, cfg.pairing_mode, progress=progress and ctx.is_main
+                    )
+                    step_module.pairing_bank = pair_bank
+                refresh_seconds.append(time.perf_counter() - refresh_start)
+            if cfg.snapshot_every and done % cfg.snapshot_every == 0 and done < cfg.iterations and ctx.is_main:
+                detector_checkpoint.save(
+                    work_dir / f"teacher_{done}.pt",
+                    teacher,
+                    teacher.cfg,
+                    list(data.source.class_names),
+                    extra={"stage": "adapt", "snapshot": done},
+                )
+            if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+                checkpoint(done)
+    finally:
+        prefetcher.close()  # stops the data threads also when the loop ends in an error
     bar.close()
     if start >= cfg.iterations and ctx.is_main:
         _write_logs(log_csv, rows)

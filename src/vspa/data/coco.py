@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +317,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.transform = transform
         self._cache: dict[int, torch.Tensor] = {}
         self._cache_left = int(cache_mb * 2**20)
+        self._cache_lock = threading.Lock()  # data threads (vspa.training.prefetch) fill the cache concurrently
         self.class_names = list(self.coco.categories)
         self.num_classes = len(self.class_names)
 
@@ -326,10 +328,20 @@ class DetectionDataset(torch.utils.data.Dataset):
         cached = self._cache.get(img["id"])
         if cached is None:
             cached = self._decode(img)
-            if cached.numel() <= self._cache_left:
-                self._cache[img["id"]] = cached
-                self._cache_left -= cached.numel()
+            with self._cache_lock:
+                if img["id"] not in self._cache and cached.numel() <= self._cache_left:
+                    self._cache[img["id"]] = cached
+                    self._cache_left -= cached.numel()
         return cached.float().div_(255.0)
+
+    def __getstate__(self) -> dict:  # a lock does not pickle (DataLoader workers under the spawn start method)
+        state = dict(self.__dict__)
+        state.pop("_cache_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache_lock = threading.Lock()
 
     def _decode(self, img: dict) -> torch.Tensor:
         """The image file as a uint8 tensor ``[3, H, W]``."""

@@ -35,6 +35,7 @@ from vspa.training import state as state_file  # (save_state is the loop's closu
 from vspa.training.guard import check_finite
 from vspa.training.log import write_log
 from vspa.training.precision import Precision
+from vspa.training.prefetch import Prefetcher, default_workers, to_device
 from vspa.training.schedule import WARMUP_FACTOR, sgd_with_schedule
 from vspa.training.seeds import BATCH_ORDER, derive_seed, global_batch
 from vspa.utils import VspaError, seed_everything, sha256_json
@@ -200,38 +201,51 @@ def train_detector(
         unit="it",
         disable=(None if progress else True) if ctx.is_main else True,
     )
-    for it in bar:
+
+    def make_batch(it: int) -> tuple[list, list]:
+        """This process's share of iteration ``it``'s batch, on the CPU (a function of the seed and ``it`` only:
+        it may be made ahead, in a data thread)."""
         indices = global_batch(len(dataset), cfg.batch_size, cfg.seed, it)
         images, targets = [], []
         for position in range(ctx.rank * share, (ctx.rank + 1) * share):
             image, target = dataset[indices[position]]
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, it, position, _AUG))
             image, target = _augment(image, target, g, cfg.strong_aug)
-            images.append(image.to(ctx.device))
-            targets.append({"boxes": target["boxes"].to(ctx.device), "labels": target["labels"].to(ctx.device)})
-        torch.manual_seed(derive_seed(cfg.seed, it, ctx.rank, _SAMPLER))
-        lr = optimizer.param_groups[0]["lr"]
+            images.append(image)
+            targets.append({"boxes": target["boxes"], "labels": target["labels"]})
+        return images, targets
 
-        with precision.autocast():
-            losses = model(images, targets)
-        total = sum(losses[k].float() for k in LOSS_NAMES)
-        logged = distributed.all_reduce_mean(torch.stack([losses[k] for k in LOSS_NAMES] + [total]), ctx).cpu()
-        values = logged.tolist()
-        check_finite(
-            dict(zip((*LOSS_NAMES, "total"), values)),
-            it + 1,
-            "training",
-            f"Lower the learning rate (lr, now {cfg.lr:g}) or lengthen warmup_iters ({cfg.warmup_iters}).",
-        )
-        optimizer.zero_grad(set_to_none=True)
-        precision.backward(total)
-        precision.step(optimizer)
-        scheduler.step()
+    workers = default_workers(ctx.device)
+    prefetcher = Prefetcher(make_batch, range(start, cfg.iterations), workers, pin=ctx.device.type == "cuda")
+    batches = iter(prefetcher)
+    try:
+        for it in bar:
+            images, targets = to_device(next(batches), ctx.device)
+            torch.manual_seed(derive_seed(cfg.seed, it, ctx.rank, _SAMPLER))
+            lr = optimizer.param_groups[0]["lr"]
 
-        rows.append({"iteration": it + 1, "lr": lr, **dict(zip(LOSS_NAMES, values[:-1])), "total": values[-1]})
-        bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{lr:.2g}")
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            save_state(it + 1)
+            with precision.autocast():
+                losses = model(images, targets)
+            total = sum(losses[k].float() for k in LOSS_NAMES)
+            logged = distributed.all_reduce_mean(torch.stack([losses[k] for k in LOSS_NAMES] + [total]), ctx).cpu()
+            values = logged.tolist()
+            check_finite(
+                dict(zip((*LOSS_NAMES, "total"), values)),
+                it + 1,
+                "training",
+                f"Lower the learning rate (lr, now {cfg.lr:g}) or lengthen warmup_iters ({cfg.warmup_iters}).",
+            )
+            optimizer.zero_grad(set_to_none=True)
+            precision.backward(total)
+            precision.step(optimizer)
+            scheduler.step()
+
+            rows.append({"iteration": it + 1, "lr": lr, **dict(zip(LOSS_NAMES, values[:-1])), "total": values[-1]})
+            bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{lr:.2g}")
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+                save_state(it + 1)
+    finally:
+        prefetcher.close()  # stops the data threads also when the loop ends in an error
     bar.close()
     if start >= cfg.iterations and ctx.is_main:
         write_log(log_csv, rows, CSV_COLUMNS)  # the run was complete: make sure the log is there

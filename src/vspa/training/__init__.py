@@ -9,4 +9,5 @@ The loops keep explicit, hook-free bodies and call these small modules:
 * :mod:`~vspa.training.log`: the CSV loss log;
 * :mod:`~vspa.training.guard`: the non-finite loss check;
 * :mod:`~vspa.training.precision`: mixed precision.
+* :mod:`~vspa.training.prefetch`: batches made ahead in data threads (on by default on CUDA).
 """
