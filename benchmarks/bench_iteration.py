@@ -17,10 +17,13 @@ of it (start-up, data loading and the final save cancel out). The versions alter
 (old, new, old, new, ...) after one untimed warm-up run of each, every process pinned to ``--threads`` threads,
 and the median over repetitions is reported with the ratio old / new, and the median of the per-repetition
 ratios ("paired"). ``--new-amp`` runs the new version with ``amp: true``; ``--old HEAD --new HEAD --new-amp``
-thus times mixed precision against float32 on the same code. Run it alone: other jobs on the machine inflate
-both versions, not necessarily by the same factor.
+thus times mixed precision against float32 on the same code. ``--old-data-workers`` / ``--new-data-workers``
+set ``VSPA_DATA_WORKERS`` (the data threads of ``vspa.training.prefetch``) for one version's processes, and
+``--device cuda`` runs both on a GPU: ``--old HEAD --new HEAD --device cuda --old-data-workers 0`` times the
+data threads against none on a GPU node. Run it alone: other jobs on the machine inflate both versions, not
+necessarily by the same factor.
 
-    python benchmarks/bench_iteration.py [--old 050fbb5] [--new HEAD] [--reps 5] [--threads 2]
+    python benchmarks/bench_iteration.py [--old 050fbb5] [--new HEAD] [--reps 5] [--threads 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -62,12 +65,14 @@ def unpack_revision(rev: str, dest: Path) -> str:
     return commit.stdout.strip()
 
 
-def timing_params(tree: Path, out: Path, pretrain_its: int, adapt_its: int, amp: bool = False) -> Path:
-    """The tree's own params.yaml with the window's iteration counts, CPU, no checkpoint and no refresh;
+def timing_params(
+    tree: Path, out: Path, pretrain_its: int, adapt_its: int, amp: bool = False, device: str = "cpu"
+) -> Path:
+    """The tree's own params.yaml with the window's iteration counts, ``device``, no checkpoint and no refresh;
     ``amp`` sets ``amp: true`` (mixed precision: bfloat16 autocast on the CPU) in pretrain and adapt."""
     params = yaml.safe_load((tree / "params.yaml").read_text())
-    params["pretrain"].update(iterations=pretrain_its, checkpoint_every=10**6, device="cpu")
-    params["adapt"].update(iterations=adapt_its, checkpoint_every=10**6, refresh_every=0, device="cpu")
+    params["pretrain"].update(iterations=pretrain_its, checkpoint_every=10**6, device=device)
+    params["adapt"].update(iterations=adapt_its, checkpoint_every=10**6, refresh_every=0, device=device)
     if amp:
         params["pretrain"]["amp"] = params["adapt"]["amp"] = True
     out.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -114,10 +119,16 @@ def markdown(result: dict) -> str:
     """``bench_iteration.md`` from the ``bench_iteration.json`` dict."""
     seconds, windows = result["seconds_per_iteration"], result["windows"]
     old, new = result["old"], result["new"]
+
+    def workers(version: dict) -> str:
+        n = version.get("data_workers")
+        return "" if n is None else f", {n} data thread{'' if n == 1 else 's'}"
+
     lines = [
-        f"Seconds per training iteration, old ({old['revision']} = {old['commit'][:7]}) and new ({new['revision']} = "
-        f"{new['commit'][:7]}{', amp: true (bfloat16 autocast)' if new.get('amp') else ''}) code timed in one "
-        f"run (`{result['command']}`; {result['machine']}, {result['threads']} thread(s) per process, torch "
+        f"Seconds per training iteration, old ({old['revision']} = {old['commit'][:7]}{workers(old)}) and new "
+        f"({new['revision']} = {new['commit'][:7]}{', amp: true (bfloat16 autocast)' if new.get('amp') else ''}"
+        f"{workers(new)}) code timed in one run on {result.get('device', 'cpu')} "
+        f"(`{result['command']}`; {result['machine']}, {result['threads']} thread(s) per process, torch "
         f"{result['torch']}). Per stage: (T(long) - T(short)) / (long - short) over two runs of its stage "
         f"script; versions alternate within each repetition; median of {result['reps']}. Paired: the median of "
         "the per-repetition ratios old / new (each repetition runs both versions back to back).",
@@ -160,6 +171,11 @@ def main(
     new_amp: bool = typer.Option(
         False, help="Time the new version with amp: true (bfloat16 autocast on the CPU) in pretrain and adapt."
     ),
+    device: str = typer.Option("cpu", help="cpu, or cuda / cuda:N on a GPU node."),
+    old_data_workers: int = typer.Option(
+        None, min=0, help="VSPA_DATA_WORKERS for the old version (data threads; default: the version's own)."
+    ),
+    new_data_workers: int = typer.Option(None, min=0, help="VSPA_DATA_WORKERS for the new version."),
 ) -> None:
     def body() -> None:
         import torch
@@ -180,6 +196,7 @@ def main(
             new_commit = unpack_revision(new, work / "new")
             trees = {"old": work / "old", "new": work / "new"}
             env_base = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            data_workers = {"old": old_data_workers, "new": new_data_workers}
             windows = {"pretrain": (pretrain_short, pretrain_long), "adapt": (adapt_short, adapt_long)}
             models = {v: checkpoint_for(t, ROOT / model, work / f"{v}_model.pt", env_base) for v, t in trees.items()}
             seconds: dict[str, dict[str, list[float]]] = {v: {"pretrain": [], "adapt": []} for v in trees}
@@ -189,7 +206,9 @@ def main(
                 run_dir.mkdir(parents=True)
                 p_its = its if stage == "pretrain" else pretrain_short
                 a_its = its if stage == "adapt" else adapt_short
-                params = timing_params(tree, run_dir / "params.yaml", p_its, a_its, amp=new_amp and version == "new")
+                params = timing_params(
+                    tree, run_dir / "params.yaml", p_its, a_its, amp=new_amp and version == "new", device=device
+                )
                 if stage == "pretrain":
                     script = (
                         ["stages/train.py", "--section", "pretrain"]
@@ -232,6 +251,9 @@ def main(
                         str(run_dir / "logs"),
                     ]
                 env = dict(env_base, PYTHONPATH=str(tree / "src"))
+                workers = data_workers[version]
+                if workers is not None:
+                    env["VSPA_DATA_WORKERS"] = str(workers)
                 start = time.perf_counter()
                 proc = subprocess.run([sys.executable, *args], cwd=tree, env=env, capture_output=True, text=True)
                 elapsed = time.perf_counter() - start
@@ -270,8 +292,9 @@ def main(
             "threads": threads,
             "reps": reps,
             "windows": windows,
-            "old": {"revision": old, "commit": old_commit},
-            "new": {"revision": new, "commit": new_commit, "amp": new_amp},
+            "device": device,
+            "old": {"revision": old, "commit": old_commit, "data_workers": old_data_workers},
+            "new": {"revision": new, "commit": new_commit, "amp": new_amp, "data_workers": new_data_workers},
             "seconds_per_iteration": seconds,
             "median": {},
             "speedup": {},

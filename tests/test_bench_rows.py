@@ -263,6 +263,11 @@ def test_bench_iteration_report_gives_both_speed_ups():
         "speedup": {"pretrain": 1.2, "adapt": 1.25},
     }
     md = bench.markdown(result)
-    assert "new (HEAD = abcdef1, amp: true (bfloat16 autocast))" in md
+    assert "new (HEAD = abcdef1, amp: true (bfloat16 autocast)) code timed in one run on cpu" in md
     assert "| pretrain (batch 4, 10->60 its) | 0.240 | 0.200 | 1.20x | 1.50x | 0.200, 0.300, 0.240 |" in md
     assert "| adapt VSPA (2+2 images, 5->55 its) | 0.500 | 0.400 | 1.25x | 1.25x |" in md
+    # data threads named per version when set (--old-data-workers / --new-data-workers), and the device
+    result["old"]["data_workers"], result["new"]["data_workers"], result["device"] = 0, 1, "cuda"
+    md = bench.markdown(result)
+    assert "old (050fbb5 = 050fbb5, 0 data threads) and new (HEAD = abcdef1, amp: true" in md
+    assert "autocast), 1 data thread) code timed in one run on cuda" in md
