@@ -152,3 +152,9 @@ def test_pinning_happens_in_the_threads_only_when_asked(monkeypatch):
     pinned_in.clear()
     list(Prefetcher(make, range(3), workers=0, pin=True))  # no thread: nothing made ahead, nothing pinned early
     assert pinned_in == []
+
+
+def test_a_data_thread_computes_on_one_core_and_leaves_the_loop_s_count():
+    torch.set_num_threads(2)
+    seen = list(Prefetcher(lambda i: torch.get_num_threads(), range(3), workers=2))
+    assert seen == [1, 1, 1] and torch.get_num_threads() == 2

@@ -6,7 +6,7 @@ thread, without changing a single number. On a GPU node the loop otherwise leave
 decodes and augments the next images in Python (on the real-data presets, 2048 x 1024 PNGs: tens of
 milliseconds an image); with ``workers`` threads, up to ``workers + 1`` future batches are in preparation
 while the current one computes. PIL's decoding and torch's operators release the GIL, so the threads run in
-parallel with the loop.
+parallel with the loop; each thread runs its operators on one core (:func:`_one_core_per_thread`).
 
 On the CPU the default is no thread (:func:`default_workers`): the compute already uses every core, and the
 data is 3-5% of an iteration there (``reports/bench/iteration.md``). ``VSPA_DATA_WORKERS`` overrides the
@@ -72,6 +72,13 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     return _map(obj, move)
 
 
+def _one_core_per_thread() -> None:
+    """A data thread runs its operators on one core: with torch's OpenMP build the intra-op thread count is per
+    calling thread, so this leaves the training loop's own count as it is. Without it each data thread would
+    start a team of as many threads as the loop (16 on a 16-core node: 64 threads for 4 data threads)."""
+    torch.set_num_threads(1)
+
+
 class Prefetcher:
     """``make(i)`` for each ``i`` of ``iterations``, in order, with up to ``workers + 1`` of them made ahead in
     ``workers`` background threads (``workers`` = 0: each one made when it is asked for, in the caller's thread).
@@ -97,7 +104,9 @@ class Prefetcher:
             for it in self.iterations:
                 yield self.make(it)
             return
-        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="vspa-data")
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.workers, thread_name_prefix="vspa-data", initializer=_one_core_per_thread
+        )
         todo = iter(self.iterations)
         try:
             for it in todo:  # fill the window
