@@ -158,3 +158,20 @@ def test_a_data_thread_computes_on_one_core_and_leaves_the_loop_s_count():
     torch.set_num_threads(2)
     seen = list(Prefetcher(lambda i: torch.get_num_threads(), range(3), workers=2))
     assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+
+
+def test_evaluation_with_data_threads_gives_the_same_detections(tiny_inputs, monkeypatch):
+    from vspa.data.coco import DetectionDataset
+    from vspa.detection import checkpoint
+    from vspa.evaluation.runner import run_detector
+
+    torch.set_num_threads(1)
+    detector, _ = checkpoint.load(tiny_inputs["model"])
+    dataset = DetectionDataset(tiny_inputs["bench"] / "target_test" / "annotations.json")
+    monkeypatch.setenv(ENV, "0")
+    inline = run_detector(detector, dataset, "cpu", batch_size=3, progress=False)
+    monkeypatch.setenv(ENV, "2")
+    threaded = run_detector(detector, dataset, "cpu", batch_size=3, progress=False)
+    assert len(inline) == len(dataset) == len(threaded)
+    for a, b in zip(inline, threaded):
+        assert all((a[k] == b[k]).all() and a[k].shape == b[k].shape for k in ("boxes", "labels", "scores"))

@@ -12,12 +12,8 @@ import torch
 from tqdm import tqdm
 
 from vspa.evaluation.voc import evaluate_detections
+from vspa.training.prefetch import Prefetcher, default_workers, to_device
 from vspa.utils import VspaError, atomic_path
-
-
-def _batches(dataset, batch_size: int):
-    for start in range(0, len(dataset), batch_size):
-        yield [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
 
 
 def _ground_truth(target: dict) -> dict[str, np.ndarray]:
@@ -36,11 +32,16 @@ def _detect_split(detector, dataset, device, batch_size: int, progress: bool):
     detector.to(device).eval()
     detections, ground_truths = [], []
     try:
-        with torch.no_grad():
-            batches = _batches(dataset, batch_size)
-            total = -(-len(dataset) // batch_size)
-            for batch in tqdm(batches, total=total, desc="evaluate", unit="batch", disable=None if progress else True):
-                images = [image.to(device) for image, _ in batch]
+        starts = range(0, len(dataset), batch_size)
+
+        def make(start: int) -> list:  # on CUDA read and decoded ahead in data threads (vspa.training.prefetch)
+            return [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+
+        with torch.no_grad(), Prefetcher(make, starts, default_workers(device), pin=device.type == "cuda") as batches:
+            for batch in tqdm(
+                batches, total=len(starts), desc="evaluate", unit="batch", disable=None if progress else True
+            ):
+                images = to_device([image for image, _ in batch], device)
                 for out in detector.detect(images):
                     detections.append({k: out[k].detach().cpu().numpy() for k in ("boxes", "labels", "scores")})
                 ground_truths += [_ground_truth(target) for _, target in batch]
