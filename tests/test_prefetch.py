@@ -85,8 +85,8 @@ def test_default_workers(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_workers("cpu") == 0
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert default_workers(torch.device("cuda", 0)) == 4
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 2 cores per process: one for the loop, one for data
+    assert default_workers(torch.device("cuda", 0)) == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 2 cores per process
     assert default_workers("cuda") == 1
     monkeypatch.setenv(ENV, "3")
     assert default_workers("cpu") == 3
@@ -154,10 +154,20 @@ def test_pinning_happens_in_the_threads_only_when_asked(monkeypatch):
     assert pinned_in == []
 
 
-def test_a_data_thread_computes_on_one_core_and_leaves_the_loop_s_count():
-    torch.set_num_threads(2)
-    seen = list(Prefetcher(lambda i: torch.get_num_threads(), range(3), workers=2))
-    assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+def test_a_data_thread_computes_with_the_loop_s_thread_count():
+    from vspa.data import transforms
+
+    image = torch.rand(3, 600, 1200, generator=torch.Generator().manual_seed(0))
+
+    def make(i):
+        return torch.get_num_threads(), transforms.strong(image, torch.Generator().manual_seed(i))
+
+    for loop_threads in (1, 2):
+        torch.set_num_threads(loop_threads)
+        inline = list(Prefetcher(make, range(3), workers=0))
+        threaded = list(Prefetcher(make, range(3), workers=2))
+        assert [n for n, _ in threaded] == [loop_threads] * 3 and torch.get_num_threads() == loop_threads
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(inline, threaded))  # real-size strong views
 
 
 def test_evaluation_with_data_threads_gives_the_same_detections(tiny_inputs, monkeypatch):

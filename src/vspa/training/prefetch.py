@@ -6,12 +6,15 @@ thread, without changing a single number. On a GPU node the loop otherwise leave
 decodes and augments the next images in Python (on the real-data presets, 2048 x 1024 PNGs: tens of
 milliseconds an image); with ``workers`` threads, up to ``workers + 1`` future batches are in preparation
 while the current one computes. PIL's decoding and torch's operators release the GIL, so the threads run in
-parallel with the loop; each thread runs its operators on one core (:func:`_one_core_per_thread`).
+parallel with the loop. Each thread computes with the loop's intra-op thread count: with one core per thread
+instead, 20 VSPA iterations at 2 threads gave other losses from iteration 3 on (a reduction in the
+augmentations rounds differently), so the identity below would hold only for single-threaded loops.
 
-On the CPU the default is no thread (:func:`default_workers`): the compute already uses every core, and the
-data is 3-5% of an iteration there (``reports/bench/iteration.md``). ``VSPA_DATA_WORKERS`` overrides the
-default (``0`` = make each batch in the loop, as before); the results are the same for every value
-(``tests/test_prefetch.py``), so it is not a param and DVC does not track it.
+On the CPU the compute already uses every core and the data is 3-5% of an iteration
+(``reports/bench/iteration.md``): one data thread made pretrain 0.78x and adaptation 0.80x as fast on the
+2-core machine (``reports/bench/prefetch_cpu/loop_threads``), so the CPU default is none.
+``VSPA_DATA_WORKERS`` overrides the default (``0`` = make each batch in the loop, as before); the results are
+the same for every value (``tests/test_prefetch.py``), so it is not a param and DVC does not track it.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ ENV = "VSPA_DATA_WORKERS"
 
 
 def default_workers(device: torch.device | str) -> int:
-    """Threads that prepare batches: ``VSPA_DATA_WORKERS`` when set; else 0 on the CPU and, on CUDA, up to 4
-    per process, leaving one core of the process's share of the node (torchrun's ``LOCAL_WORLD_SIZE``
-    processes share it) to the loop itself."""
+    """Threads that prepare batches: ``VSPA_DATA_WORKERS`` when set; else none on the CPU and, on CUDA, two per
+    process (one when torchrun's ``LOCAL_WORLD_SIZE`` processes leave a process fewer than 4 cores of the
+    node). Not measured on a GPU: ``make gpu-check`` reports the count, ``bench_iteration.py --device cuda``
+    times it against none."""
     value = os.environ.get(ENV, "").strip()
     if value:
         if not value.isdigit():
@@ -42,7 +46,7 @@ def default_workers(device: torch.device | str) -> int:
         return 0
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
     cores = (os.cpu_count() or 2) // max(1, int(local) if local.isdigit() else 1)
-    return max(1, min(4, cores - 1))
+    return 2 if cores >= 4 else 1
 
 
 def _map(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -72,13 +76,6 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     return _map(obj, move)
 
 
-def _one_core_per_thread() -> None:
-    """A data thread runs its operators on one core: with torch's OpenMP build the intra-op thread count is per
-    calling thread, so this leaves the training loop's own count as it is. Without it each data thread would
-    start a team of as many threads as the loop (16 on a 16-core node: 64 threads for 4 data threads)."""
-    torch.set_num_threads(1)
-
-
 class Prefetcher:
     """``make(i)`` for each ``i`` of ``iterations``, in order, with up to ``workers + 1`` of them made ahead in
     ``workers`` background threads (``workers`` = 0: each one made when it is asked for, in the caller's thread).
@@ -104,8 +101,15 @@ class Prefetcher:
             for it in self.iterations:
                 yield self.make(it)
             return
+        # the loop's intra-op thread count in every data thread (with torch's OpenMP build the count is per thread,
+        # and a new thread starts from the machine's default): the augmentations' reductions (e.g. the image mean
+        # of the contrast jitter) round differently with another count, and a batch must not depend on where
+        # it was made
         self._pool = ThreadPoolExecutor(
-            max_workers=self.workers, thread_name_prefix="vspa-data", initializer=_one_core_per_thread
+            max_workers=self.workers,
+            thread_name_prefix="vspa-data",
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
         )
         todo = iter(self.iterations)
         try:
