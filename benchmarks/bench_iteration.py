@@ -252,6 +252,7 @@ def main(
                     ]
                 env = dict(env_base, PYTHONPATH=str(tree / "src"))
                 workers = data_workers[version]
+                env.pop("VSPA_DATA_WORKERS", None)  # not set: the version's own default, not the caller's shell's
                 if workers is not None:
                     env["VSPA_DATA_WORKERS"] = str(workers)
                 start = time.perf_counter()

@@ -78,7 +78,7 @@ from vspa.memory.store import MemoryBank, open_memory
 from vspa.training.guard import check_finite
 from vspa.training.log import write_log
 from vspa.training.precision import Precision
-from vspa.training.prefetch import Prefetcher, default_workers, to_device
+from vspa.training.prefetch import Prefetcher, default_workers, pinned, to_device
 from vspa.training.schedule import sgd_with_schedule
 from vspa.training.seeds import derive_seed
 from vspa.training.state import code_digest, load_state, save_state
@@ -265,10 +265,12 @@ def adapt(
     def make_batch(it: int) -> tuple:
         """Iteration ``it``'s batches on the CPU (a function of the seed and ``it``: made ahead in a data thread
         on CUDA, see vspa.training.prefetch)."""
-        return _batch(data, cfg, it, positions, "cpu")
+        *views, pairs = _batch(data, cfg, it, positions, "cpu")
+        return pinned(views, pin), pairs  # the pairing ground truth stays on the CPU, unpinned
 
     workers = default_workers(device)
-    prefetcher = Prefetcher(make_batch, range(start, cfg.iterations), workers, pin=device.type == "cuda")
+    pin = workers > 0 and device.type == "cuda"  # pinned in the data thread, copied asynchronously
+    prefetcher = Prefetcher(make_batch, range(start, cfg.iterations), workers)
     batches = iter(prefetcher)
     detector_ids = {id(p) for p in student.parameters()}
     try:
@@ -277,7 +279,7 @@ def adapt(
             t_backward: list[float] = []
             step_module.iteration = it
             with _timer(device, t_iter):
-                *views, tgt_pairs = next(batches)  # the pairing ground truth stays on the CPU
+                views, tgt_pairs = next(batches)
                 src_images, src_targets, tgt_weak, tgt_strong = to_device(views, device)
                 # without a target loss (fair source only) there are no target images: the teacher is only the EMA
                 with precision.autocast():

@@ -35,7 +35,7 @@ from vspa.training import state as state_file  # (save_state is the loop's closu
 from vspa.training.guard import check_finite
 from vspa.training.log import write_log
 from vspa.training.precision import Precision
-from vspa.training.prefetch import Prefetcher, default_workers, to_device
+from vspa.training.prefetch import Prefetcher, default_workers, pinned, to_device
 from vspa.training.schedule import WARMUP_FACTOR, sgd_with_schedule
 from vspa.training.seeds import BATCH_ORDER, derive_seed, global_batch
 from vspa.utils import VspaError, seed_everything, sha256_json
@@ -213,10 +213,11 @@ def train_detector(
             image, target = _augment(image, target, g, cfg.strong_aug)
             images.append(image)
             targets.append({"boxes": target["boxes"], "labels": target["labels"]})
-        return images, targets
+        return pinned((images, targets), pin)
 
     workers = default_workers(ctx.device)
-    prefetcher = Prefetcher(make_batch, range(start, cfg.iterations), workers, pin=ctx.device.type == "cuda")
+    pin = workers > 0 and ctx.device.type == "cuda"  # pinned in the data thread, copied asynchronously
+    prefetcher = Prefetcher(make_batch, range(start, cfg.iterations), workers)
     batches = iter(prefetcher)
     try:
         for it in bar:

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from vspa.evaluation.voc import evaluate_detections
-from vspa.training.prefetch import Prefetcher, default_workers, to_device
+from vspa.training.prefetch import Prefetcher, default_workers, pinned, to_device
 from vspa.utils import VspaError, atomic_path
 
 
@@ -34,17 +34,20 @@ def _detect_split(detector, dataset, device, batch_size: int, progress: bool):
     try:
         starts = range(0, len(dataset), batch_size)
 
-        def make(start: int) -> list:  # on CUDA read and decoded ahead in data threads (vspa.training.prefetch)
-            return [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        workers = default_workers(device)
+        pin = workers > 0 and device.type == "cuda"
 
-        with torch.no_grad(), Prefetcher(make, starts, default_workers(device), pin=device.type == "cuda") as batches:
-            for batch in tqdm(
+        def make(start: int) -> tuple[list, list]:  # on CUDA read and decoded ahead in a data thread
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            return pinned([image for image, _ in items], pin), [_ground_truth(target) for _, target in items]
+
+        with torch.no_grad(), Prefetcher(make, starts, workers) as batches:
+            for images, truths in tqdm(
                 batches, total=len(starts), desc="evaluate", unit="batch", disable=None if progress else True
             ):
-                images = to_device([image for image, _ in batch], device)
-                for out in detector.detect(images):
+                for out in detector.detect(to_device(images, device)):
                     detections.append({k: out[k].detach().cpu().numpy() for k in ("boxes", "labels", "scores")})
-                ground_truths += [_ground_truth(target) for _, target in batch]
+                ground_truths += truths
     finally:
         detector.train(was_training)
     return detections, ground_truths

@@ -14,7 +14,9 @@ On the CPU the compute already uses every core and the data is 3-5% of an iterat
 (``reports/bench/iteration.md``): one data thread made pretrain 0.78x and adaptation 0.80x as fast on the
 2-core machine (``reports/bench/prefetch_cpu/loop_threads``), so the CPU default is none.
 ``VSPA_DATA_WORKERS`` overrides the default (``0`` = make each batch in the loop, as before); the results are
-the same for every value (``tests/test_prefetch.py``), so it is not a param and DVC does not track it.
+the same for every value (``tests/test_prefetch.py``), so it is not a param and DVC does not track it. With a
+data thread, an iteration's logged time (``time_iter`` of the adaptation log) holds only the wait for its batch,
+not the making of it: compare such times only between runs with the same count.
 """
 
 from __future__ import annotations
@@ -33,20 +35,16 @@ ENV = "VSPA_DATA_WORKERS"
 
 
 def default_workers(device: torch.device | str) -> int:
-    """Threads that prepare batches: ``VSPA_DATA_WORKERS`` when set; else none on the CPU and, on CUDA, two per
-    process (one when torchrun's ``LOCAL_WORLD_SIZE`` processes leave a process fewer than 4 cores of the
-    node). Not measured on a GPU: ``make gpu-check`` reports the count, ``bench_iteration.py --device cuda``
-    times it against none."""
+    """Threads that prepare batches: ``VSPA_DATA_WORKERS`` when set; else none on the CPU and one on CUDA. One,
+    because each data thread computes with the loop's intra-op thread count (see the module docstring): more
+    threads would each start a team of that size beside the loop. Not measured on a GPU: ``make gpu-check``
+    reports the count, ``bench_iteration.py --device cuda`` times it against none."""
     value = os.environ.get(ENV, "").strip()
     if value:
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise VspaError(f"{ENV}={value!r}: expected a whole number of threads (0 = no prefetching).")
         return int(value)
-    if torch.device(device).type != "cuda":
-        return 0
-    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    cores = (os.cpu_count() or 2) // max(1, int(local) if local.isdigit() else 1)
-    return 2 if cores >= 4 else 1
+    return 1 if torch.device(device).type == "cuda" else 0
 
 
 def _map(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -60,6 +58,12 @@ def _map(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(obj, tuple):
         return tuple(_map(v, fn) for v in obj)
     return obj
+
+
+def pinned(obj: Any, enabled: bool = True) -> Any:
+    """``obj`` with its tensors in pinned host memory when ``enabled`` (for the asynchronous copy to CUDA; a
+    batch maker pins what :func:`to_device` will copy, and only that), else ``obj`` itself."""
+    return _map(obj, torch.Tensor.pin_memory) if enabled else obj
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -79,18 +83,16 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
 class Prefetcher:
     """``make(i)`` for each ``i`` of ``iterations``, in order, with up to ``workers + 1`` of them made ahead in
     ``workers`` background threads (``workers`` = 0: each one made when it is asked for, in the caller's thread).
-    ``pin`` (with threads, for CUDA): the threads also copy each batch into pinned host memory.
 
     An exception raised by ``make`` is raised again by the iteration that asked for its batch. Use as a context
     manager (or call :meth:`close`) so that the threads stop when the loop ends early (an error, a kill
     signal turned into an exception): batches not started yet are cancelled, running ones are waited for.
     """
 
-    def __init__(self, make: Callable[[int], Any], iterations: Iterable[int], workers: int = 0, pin: bool = False):
+    def __init__(self, make: Callable[[int], Any], iterations: Iterable[int], workers: int = 0):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
-        # pin: the threads also copy each batch into pinned host memory (for the asynchronous copy to CUDA)
-        self.make = (lambda it: _map(make(it), torch.Tensor.pin_memory)) if pin and workers else make
+        self.make = make
         self.iterations = list(iterations)
         self.workers = int(workers)
         self._pool: ThreadPoolExecutor | None = None
