@@ -196,6 +196,7 @@ def main(
             new_commit = unpack_revision(new, work / "new")
             trees = {"old": work / "old", "new": work / "new"}
             env_base = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            env_base.pop("VSPA_DATA_WORKERS", None)  # an option left unset: the version's own default, not the shell's
             data_workers = {"old": old_data_workers, "new": new_data_workers}
             windows = {"pretrain": (pretrain_short, pretrain_long), "adapt": (adapt_short, adapt_long)}
             models = {v: checkpoint_for(t, ROOT / model, work / f"{v}_model.pt", env_base) for v, t in trees.items()}
@@ -252,7 +253,6 @@ def main(
                     ]
                 env = dict(env_base, PYTHONPATH=str(tree / "src"))
                 workers = data_workers[version]
-                env.pop("VSPA_DATA_WORKERS", None)  # not set: the version's own default, not the caller's shell's
                 if workers is not None:
                     env["VSPA_DATA_WORKERS"] = str(workers)
                 start = time.perf_counter()
